@@ -1,0 +1,131 @@
+"""The `umbrella` command: a thin shell that parses arguments and calls the library.
+
+    umbrella demo [--out DIR] [--seed N] [KEY=VALUE ...]
+    umbrella train -c CONFIG [KEY=VALUE ...]
+    umbrella evaluate --model RUN_DIR [-c CONFIG] [--split test] [KEY=VALUE ...]
+    umbrella ask --model RUN_DIR --image T1=scan.nii.gz "What is the sex of this subject?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from umbrella.errors import NotImplementedYet, UmbrellaError
+
+_LATER = {"prepare": "phenotype table -> records", "validate": "check records and files",
+          "cache": "preprocessing cache"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="umbrella", description="Vision-language models on brain MRI.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="build the embedded demo cohort, train, evaluate and ask")
+    d.add_argument("--out", default="umbrella-demo", help="output folder (default: umbrella-demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--subjects", type=int, default=200, help="cohort size (default: 200)")
+    d.add_argument("--quick", action="store_true", help="60 subjects, 48³ volumes: a smoke run")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    for name, text in _LATER.items():
+        s = sub.add_parser(name, help=f"{text} (not implemented yet)")
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.max_steps=20")
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model on one split")
+    e.add_argument("--model", required=True, help="run folder printed by `umbrella train`")
+    e.add_argument("-c", "--config", help="config naming the records (default: the run's)")
+    e.add_argument("--split", help="split to evaluate (default: evaluation.split)")
+    e.add_argument("--out", help="output folder (default: <run>/evaluation_<split>)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    a = sub.add_parser("ask", help="ask a trained model about one subject's scans")
+    a.add_argument("--model", required=True, help="run folder or its model/ folder")
+    a.add_argument("--image", action="append", required=True, metavar="MODALITY=PATH",
+                   help="a scan, e.g. T1=sub-01_T1w.nii.gz (repeat for several)")
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("question")
+    return p
+
+
+def _cmd_demo(args) -> int:
+    from umbrella.demo.run import run_demo
+
+    n, size, patch = (60, 48, 8) if args.quick else (args.subjects, 96, 16)
+    result = run_demo(args.out, seed=args.seed, n_subjects=n, image_size=size, patch=patch,
+                      overrides=args.overrides)
+    acc = result.metrics["tasks"]["sex"]
+    print(f"held-out T1 sex accuracy: {acc['n_correct']}/{acc['n']} = {acc['accuracy']:.3f}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from umbrella.config import load_config
+    from umbrella.training.run import train
+
+    result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+    print(f"trained in {result.seconds:.0f} s; run folder: {result.run_dir}\nmodel: {result.model_dir}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from umbrella.config import load_config
+    from umbrella.data.catalog import by_split, load_config_records
+    from umbrella.evaluation.evaluate import evaluate_records
+    from umbrella.evaluation.report import metrics_table
+    from umbrella.inference import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    run_dir = model_dir.parent
+    cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+    split = args.split or cfg.evaluation.split
+    records = by_split(load_config_records(cfg)).get(split)
+    if not records:
+        raise UmbrellaError(f"no records in split {split!r}; pick another with --split")
+    out = Path(args.out) if args.out else run_dir / f"evaluation_{split}"
+    result = evaluate_records(model_dir, records, out, split=split, scoring=cfg.evaluation.scoring,
+                              batch_size=cfg.evaluation.batch_size,
+                              max_new_tokens=cfg.evaluation.max_new_tokens, run_dir=run_dir,
+                              progress=not args.quiet)
+    print(metrics_table(result.metrics))
+    print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    from umbrella.inference import BrainAssistant
+
+    images = []
+    for item in args.image:
+        modality, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UmbrellaError(f"--image {item!r} must be MODALITY=PATH, e.g. T1=scan.nii.gz")
+        images.append((modality, path))
+    print(BrainAssistant(args.model).ask(args.question, images, args.max_new_tokens))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    handlers = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "ask": _cmd_ask}
+    try:
+        if args.command in _LATER:
+            raise NotImplementedYet(f"`umbrella {args.command}` ({_LATER[args.command]}) is not "
+                                    "implemented yet in this version")
+        return handlers[args.command](args)
+    except UmbrellaError as exc:
+        print(f"umbrella {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, NotImplementedYet) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed configuration: dataclasses + YAML + dotlist overrides.
+
+Sections mirror the YAML known from the original UMBRELLA: ``dataset.{T1,rsfMRI,dMRI}``, ``model``,
+``training``, ``evaluation``, ``tracking``. Unknown keys and wrong types are errors that name the key
+and the nearest valid one; all problems are reported together in one :class:`ConfigError`.
+
+    cfg = load_config("configs/demo.yaml", ["training.max_steps=20"])
+    save_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from umbrella.errors import ConfigError
+
+MODALITIES = ("T1", "rsfMRI", "dMRI")
+
+
+@dataclass
+class ModalityConfig:
+    """One modality's data and geometry. A section with no ``records`` is skipped."""
+
+    studies: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)  # JSON/JSONL files (each record names its split)
+    data_root: str = ""  # relative image paths resolve against this folder
+    image_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    patch_size: list[int] = field(default_factory=lambda: [16, 16, 16])
+    voxel_size: list[float] | None = None  # resample to this spacing (mm) before fitting the shape
+    spatial: str = "crop_pad"  # crop_pad | resize
+    normalize: str = "zscore_brain"  # zscore_brain | percentile | none
+    augment: bool = False  # random flips/affine (MONAI) on the training split
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.records)
+
+
+@dataclass
+class DatasetConfig:
+    T1: ModalityConfig = field(default_factory=ModalityConfig)
+    rsfMRI: ModalityConfig = field(default_factory=ModalityConfig)
+    dMRI: ModalityConfig = field(default_factory=ModalityConfig)
+    tasks: list[str] = field(default_factory=list)  # keep only these tasks (empty: all)
+    memoize: bool = False  # keep decoded volumes in RAM (float16) after first use: small cohorts
+
+    def enabled(self) -> dict[str, ModalityConfig]:
+        return {m: getattr(self, m) for m in MODALITIES if getattr(self, m).enabled}
+
+
+@dataclass
+class ModelConfig:
+    """Preset name plus optional overrides (null keeps the preset's value)."""
+
+    preset: str = "tiny"
+    base: str | None = None  # a pretrained LLaVA (hub name or folder); None builds from the preset
+    vision_hidden_size: int | None = None
+    vision_layers: int | None = None
+    vision_heads: int | None = None
+    text_hidden_size: int | None = None
+    text_layers: int | None = None
+    text_heads: int | None = None
+    vocab_size: int = 512  # target size of the byte-level BPE trained on the records' text
+    max_length: int = 1024  # longest tokenised conversation accepted (image tokens included)
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: <task>__<preset>__<config hash>
+    seed: int = 0
+    max_steps: int = 150
+    batch_size: int = 16
+    eval_batch_size: int = 16
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 20
+    lr_scheduler: str = "cosine"  # cosine | linear | constant_with_warmup
+    gradient_accumulation_steps: int = 1
+    eval_steps: int = 50  # validation loss every N steps (0: never)
+    save_steps: int = 0  # checkpoint every N steps (0: only the final model)
+    logging_steps: int = 10
+    num_workers: int = 0  # DataLoader workers
+    threads: int = 0  # torch threads (0: all cores)
+
+
+@dataclass
+class EvaluationConfig:
+    split: str = "test"
+    scoring: str = "likelihood"  # likelihood | generate
+    batch_size: int = 8
+    max_new_tokens: int = 16
+
+
+@dataclass
+class TrackingConfig:
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow
+    project: str = "umbrella"
+
+
+@dataclass
+class UmbrellaConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "spatial": ("crop_pad", "resize"),
+    "normalize": ("zscore_brain", "percentile", "none"),
+    "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
+    "scoring": ("likelihood", "generate"),
+    "report_to": ("none", "tensorboard", "wandb", "mlflow"),
+}
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """{'a': {'b': 1}} -> [('a.b', 1)]; a dict below a leaf field is kept whole by the caller."""
+    if not isinstance(tree, dict) or not tree:
+        return [(prefix, tree)]
+    out = []
+    for key, value in tree.items():
+        out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def _schema_node(path: str) -> tuple[Any, str | None]:
+    """Walk the dataclass schema along a dotted path. Returns (node, error)."""
+    node: Any = UmbrellaConfig
+    walked = []
+    for part in path.split("."):
+        if not (isinstance(node, type) and is_dataclass(node)):
+            return None, f"'{'.'.join(walked)}' takes a value, not a section (got '{path}')"
+        names = {f.name: f for f in fields(node)}
+        if part not in names:
+            near = difflib.get_close_matches(part, list(names), n=1, cutoff=0.5)
+            where = ".".join(walked) or "the top level"
+            hint = f"; did you mean '{'.'.join(walked + near)}'?" if near else \
+                f"; valid keys in {where}: {', '.join(names)}"
+            return None, f"unknown key '{path}'{hint}"
+        walked.append(part)
+        factory = names[part].default_factory
+        node = factory if factory is not MISSING and is_dataclass(factory) else names[part]
+    return node, None
+
+
+def _check_leaf(path: str, value: Any) -> str | None:
+    """Type/choice check of one leaf through OmegaConf's validation."""
+    node, err = _schema_node(path)
+    if err:
+        return err
+    base = OmegaConf.structured(UmbrellaConfig)
+    try:
+        OmegaConf.update(base, path, value, merge=True)
+    except (OmegaConfBaseException, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        return f"bad value for '{path}': {value!r} ({first})"
+    name = path.rsplit(".", 1)[-1]
+    if name in _CHOICES and value not in _CHOICES[name]:
+        return f"bad value for '{path}': {value!r}; choose one of {', '.join(_CHOICES[name])}"
+    return None
+
+
+def _validate(tree: dict, source: str) -> None:
+    problems = [p for path, value in _flatten(tree) if path and (p := _check_leaf(path, value))]
+    if problems:
+        raise ConfigError(problems, source=source)
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError([f"override {o!r} is not KEY=VALUE (e.g. training.max_steps=20)" for o in bad])
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> UmbrellaConfig:
+    """Defaults <- YAML file <- dotlist overrides, validated; returns the typed dataclass."""
+    merged = OmegaConf.structured(UmbrellaConfig)
+    layers: list[tuple[dict, str]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", source=str(path))
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from exc
+        if not isinstance(tree, dict):
+            raise ConfigError("the top level must be a mapping of sections", source=str(path))
+        layers.append((tree, str(path)))
+    if overrides:
+        layers.append((_parse_overrides(list(overrides)), "command-line overrides"))
+    for tree, source in layers:
+        _validate(tree, source)
+        merged = OmegaConf.merge(merged, tree)
+    cfg: UmbrellaConfig = OmegaConf.to_object(merged)
+    return cfg
+
+
+def config_to_dict(cfg: UmbrellaConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: UmbrellaConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    from umbrella.io import atomic_write_text
+
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -1,0 +1,93 @@
+"""Config -> the records and per-modality input settings a run uses.
+
+Records of every enabled ``dataset.<modality>`` section are read once (a file named by several
+sections is read once), filtered to ``dataset.tasks`` and grouped by split. One subject in two
+splits is an error: splits are by subject.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from umbrella.config import ModalityConfig, UmbrellaConfig
+from umbrella.data.dataset import ModalityInput
+from umbrella.data.records import Record, load_records
+from umbrella.data.volumes import VolumeSpec
+from umbrella.errors import ConfigError, RecordError
+from umbrella.model.configuration_brain_vit import num_patches
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def data_roots(cfg: UmbrellaConfig) -> dict[str, Path]:
+    return {m: Path(s.data_root) for m, s in cfg.dataset.enabled().items() if s.data_root}
+
+
+def volume_spec(section: ModalityConfig) -> VolumeSpec:
+    return VolumeSpec(image_size=tuple(section.image_size),
+                      voxel_size=tuple(section.voxel_size) if section.voxel_size else None,
+                      spatial=section.spatial, normalize=section.normalize)
+
+
+def geometry(section: ModalityConfig) -> dict:
+    """The tower's view of a modality: channels, image size and patch size."""
+    return {"in_channels": 1, "image_size": list(section.image_size),
+            "patch_size": list(section.patch_size)}
+
+
+def modality_inputs(cfg: UmbrellaConfig) -> dict[str, ModalityInput]:
+    return {m: ModalityInput(volume_spec(s), num_patches(geometry(s)))
+            for m, s in cfg.dataset.enabled().items()}
+
+
+def load_config_records(cfg: UmbrellaConfig) -> list[Record]:
+    enabled = cfg.dataset.enabled()
+    if not enabled:
+        raise ConfigError("no modality has records: set dataset.T1.records (or rsfMRI/dMRI) to "
+                          "one or more JSON/JSONL files")
+    roots, files = data_roots(cfg), []
+    for section in enabled.values():
+        files += [Path(f) for f in section.records if Path(f) not in files]
+    records = [r for f in files for r in load_records(f, roots)]
+    seen: dict[str, Record] = {}
+    for rec in records:
+        if rec.id in seen:
+            raise RecordError(f"id also used in {seen[rec.id].source}", record_id=rec.id,
+                              source=rec.source, fix="make record ids unique across files")
+        seen[rec.id] = rec
+    if cfg.dataset.tasks:
+        records = [r for r in records if r.task in cfg.dataset.tasks]
+    return records
+
+
+def by_split(records: list[Record]) -> dict[str, list[Record]]:
+    """Group records by split; a subject in two splits raises RecordError."""
+    splits: dict[str, list[Record]] = defaultdict(list)
+    subject_split: dict[str, tuple[str, Record]] = {}
+    for rec in records:
+        first = subject_split.setdefault(rec.subject_id, (rec.split, rec))
+        if first[0] != rec.split:
+            raise RecordError(f"subject {rec.subject_id!r} is in split {rec.split!r} here and in "
+                              f"{first[0]!r} in record {first[1].id!r}", record_id=rec.id,
+                              source=rec.source, fix="assign each subject to exactly one split")
+        splits[rec.split].append(rec)
+    return dict(splits)
+
+
+def save_preprocessing(inputs: dict[str, ModalityInput], folder: Path) -> dict:
+    from umbrella.io import atomic_write_json
+
+    info = {m: {"spec": i.spec.to_dict(), "tokens": i.tokens} for m, i in inputs.items()}
+    atomic_write_json(Path(folder) / PREPROCESSING_FILE, info)
+    return info
+
+
+def load_preprocessing(folder: Path) -> dict[str, ModalityInput]:
+    path = Path(folder) / PREPROCESSING_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the model folder was not written by umbrella train")
+    info = json.loads(path.read_text())
+    return {m: ModalityInput(VolumeSpec.from_dict(v["spec"]), int(v["tokens"]))
+            for m, v in info.items()}

@@ -1,0 +1,301 @@
+"""Reading and preprocessing 3D brain MRI volumes (T1 and 3D scalar maps).
+
+Every array here is ``(D, H, W) = (x, y, z)`` in RAS+ voxel order, as nibabel gives it after
+:func:`nibabel.as_closest_canonical`: axis 0 runs left -> Right, axis 1 posterior -> Anterior,
+axis 2 inferior -> Superior.
+
+Pipeline (:func:`preprocess_volume`): :func:`read_nifti` -> optional resampling to
+``VolumeSpec.voxel_size`` -> :func:`fit_to_shape` -> :func:`normalize_intensity`.
+:class:`VolumeAugment` is the (MONAI-based, seeded) training augmentation applied afterwards.
+
+MONAI is imported lazily (only by :class:`VolumeAugment`) because importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, SpatialImage
+from scipy import ndimage
+
+from umbrella.errors import VolumeError
+
+SPATIAL_MODES = ("crop_pad", "resize")
+NORMALIZE_METHODS = ("zscore_brain", "percentile", "none")
+MAX_VOXELS = 2**28  # ~1 GiB of float32; a resampling target above this is surely a config mistake
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+_CORRUPT_FIX = ("re-download or re-convert the file (e.g. with dcm2niix); "
+                "`gzip -t FILE` checks a .nii.gz")
+
+
+def _int_triple(name: str, value: Any) -> tuple[int, int, int]:
+    ok = (isinstance(value, list | tuple) and len(value) == 3
+          and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0
+                  for v in value))
+    if not ok:
+        raise ValueError(f"VolumeSpec.{name} must be 3 positive integers (D, H, W), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _float_triple(name: str, value: Any) -> tuple[float, float, float]:
+    ok = (isinstance(value, list | tuple) and len(value) == 3
+          and all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
+                  and np.isfinite(v) and v > 0 for v in value))
+    if not ok:
+        raise ValueError(f"VolumeSpec.{name} must be None or 3 positive finite numbers (mm), "
+                         f"got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """How a volume becomes a model input of shape ``image_size`` (D, H, W) in RAS+ order."""
+
+    image_size: tuple[int, int, int] = (96, 96, 96)
+    voxel_size: tuple[float, float, float] | None = None  # resample to this spacing (mm) first
+    spatial: str = "crop_pad"  # "crop_pad" (centre crop/pad, never rescales) | "resize"
+    normalize: str = "zscore_brain"  # "zscore_brain" | "percentile" | "none"
+    percentiles: tuple[float, float] = (0.5, 99.5)  # for "percentile": clip, then scale to [0, 1]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _int_triple("image_size", self.image_size))
+        if self.voxel_size is not None:
+            object.__setattr__(self, "voxel_size", _float_triple("voxel_size", self.voxel_size))
+        if self.spatial not in SPATIAL_MODES:
+            raise ValueError(f"VolumeSpec.spatial must be one of {SPATIAL_MODES}, "
+                             f"got {self.spatial!r}")
+        if self.normalize not in NORMALIZE_METHODS:
+            raise ValueError(f"VolumeSpec.normalize must be one of {NORMALIZE_METHODS}, "
+                             f"got {self.normalize!r}")
+        p = self.percentiles
+        ok = (isinstance(p, list | tuple) and len(p) == 2
+              and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+              and 0.0 <= p[0] < p[1] <= 100.0)
+        if not ok:
+            raise ValueError("VolumeSpec.percentiles must be (low, high) with "
+                             f"0 <= low < high <= 100, got {p!r}")
+        object.__setattr__(self, "percentiles", (float(p[0]), float(p[1])))
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (lists instead of tuples)."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VolumeSpec:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"VolumeSpec got unknown keys {unknown}; "
+                             f"allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI (.nii / .nii.gz) as RAS+ canonical ``(data, affine)``.
+
+    ``data`` is float32 of shape (D, H, W) with scl_slope / scl_inter applied; ``affine`` is the
+    4x4 float64 voxel-to-world matrix of the reoriented image. A 4D image whose extra dims are
+    all 1 is squeezed to 3D. Raises :class:`VolumeError` naming the file for: a missing file, an
+    unreadable / corrupt / truncated file, a non-3D image, a zero-size dim, NaN / Inf voxels and a
+    constant volume.
+    """
+    path = Path(path)
+
+    def fail(message: str, fix: str) -> VolumeError:
+        return VolumeError(message, path=path, record_id=record_id, fix=fix)
+
+    if not path.is_file():
+        raise fail("file not found" if not path.exists() else "not a regular file",
+                   "check the image path in the record and the modality's data root")
+    try:
+        img = nib.load(path)
+    except _READ_ERRORS as exc:
+        raise fail(f"cannot read as NIfTI ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
+    if not isinstance(img, SpatialImage):
+        raise fail(f"{type(img).__name__} is not a volumetric image",
+                   "point the record at a 3D NIfTI volume")
+    shape = tuple(img.shape)
+    if 0 in shape:
+        raise fail(f"image has a zero-size dimension, shape {shape}",
+                   "the file holds no voxels; re-convert it or drop the record")
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        raise fail(f"expected a 3D volume, got shape {shape}",
+                   "select one 3D volume, e.g. nibabel `img.slicer[..., 0]` or `fslroi`, "
+                   "or use the modality's 4D loader")
+    try:
+        canonical = nib.as_closest_canonical(img)
+        data = canonical.get_fdata(dtype=np.float32)
+    except _READ_ERRORS as exc:
+        raise fail(f"cannot read voxel data ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
+    data = data.reshape(data.shape[:3])
+    _check_values(data, fail)
+    return data, np.asarray(canonical.affine, dtype=np.float64)
+
+
+def _check_values(data: np.ndarray, fail) -> None:
+    """Raise (via ``fail``) on non-finite voxels or a constant (D, H, W) volume."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise fail(f"{bad} of {data.size} voxels are NaN or Inf",
+                   "re-run the step that produced the image, or replace non-finite voxels "
+                   "(e.g. numpy.nan_to_num) before training")
+    if data.min() == data.max():
+        raise fail(f"volume is constant (every voxel is {data.flat[0]:g})",
+                   "the image is blank; check its conversion or drop the record")
+
+
+def _resize(data: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resize of (D, H, W) to ``shape``; voxels are cells (edges map onto edges)."""
+    factors = [t / n for t, n in zip(shape, data.shape, strict=True)]
+    out = ndimage.zoom(data, factors, order=1, mode="nearest", grid_mode=True)
+    return out.astype(np.float32, copy=False)
+
+
+def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad") -> np.ndarray:
+    """Bring a (D, H, W) array to ``shape`` (3 ints); returns float32 of exactly that shape.
+
+    ``crop_pad``: centre crop / pad each axis independently (for an odd difference the extra
+    voxel is cropped from / padded at the end); padding uses the volume's minimum. Spacing is kept.
+    ``resize``: trilinear resampling of the whole volume (spacing changes, aspect may change).
+    """
+    shape = tuple(int(s) for s in shape)
+    if data.ndim != 3 or len(shape) != 3 or min(shape) < 1 or 0 in data.shape:
+        raise ValueError(f"fit_to_shape needs a non-empty 3D array and 3 positive sizes, "
+                         f"got array {data.shape} and shape {shape}")
+    if mode == "resize":
+        return _resize(np.asarray(data, dtype=np.float32), shape)
+    if mode != "crop_pad":
+        raise ValueError(f"fit_to_shape mode must be one of {SPATIAL_MODES}, got {mode!r}")
+    crops, pads = [], []
+    for n, t in zip(data.shape, shape, strict=True):
+        start = max(n - t, 0) // 2
+        crops.append(slice(start, start + min(n, t)))
+        before = max(t - n, 0) // 2
+        pads.append((before, max(t - n, 0) - before))
+    out = np.asarray(data[tuple(crops)], dtype=np.float32)
+    return np.pad(out, pads, mode="constant", constant_values=float(data.min()))
+
+
+def brain_mask(data: np.ndarray) -> np.ndarray:
+    """Bool (D, H, W) foreground mask: voxels above min + 10% of the (min .. 99.5th pct) range.
+
+    For MRI with a ~0 background this is "> 10% of the robust max". Falls back to all voxels
+    when the threshold selects nothing (e.g. a few bright outliers in an almost flat volume).
+    """
+    lo, hi = float(data.min()), float(np.percentile(data, 99.5))
+    mask = data > lo + 0.1 * (hi - lo)
+    return mask if mask.any() else np.ones(data.shape, dtype=bool)
+
+
+def normalize_intensity(data: np.ndarray, method: str, percentiles=(0.5, 99.5)) -> np.ndarray:
+    """Normalise intensities of an array (any shape, normally (D, H, W)); returns float32.
+
+    ``zscore_brain``: ``(x - mean) / std`` over :func:`brain_mask` voxels; background voxels are
+    then set to the *masked minimum* (the lowest brain value after the transform), so background
+    is never brighter than brain and the whole result is invariant to ``a * x + b`` (a > 0).
+    A zero std (flat foreground) divides by 1. ``percentile``: clip to the two percentiles, then
+    scale to [0, 1] (all zeros if they coincide). ``none``: unchanged values.
+    """
+    x = np.asarray(data, dtype=np.float32)
+    if method == "none":
+        return x.copy()
+    if method == "percentile":
+        lo, hi = np.percentile(x, [float(percentiles[0]), float(percentiles[1])])
+        if hi <= lo:
+            return np.zeros_like(x)
+        return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if method != "zscore_brain":
+        raise ValueError(f"normalize method must be one of {NORMALIZE_METHODS}, got {method!r}")
+    mask = brain_mask(x)
+    brain = x[mask].astype(np.float64)
+    std = float(brain.std())
+    out = ((x - brain.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    out[~mask] = out[mask].min()
+    return out
+
+
+def resample_to_spacing(data: np.ndarray, affine: np.ndarray,
+                        voxel_size: tuple[float, float, float]) -> np.ndarray:
+    """Trilinear resampling of (D, H, W) from the affine's spacing to ``voxel_size`` (mm).
+
+    The output shape is ``round(n * old / new)`` per axis (at least 1); float32.
+    """
+    old = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    shape = tuple(max(1, round(n * o / v)) for n, o, v in zip(data.shape, old, voxel_size,
+                                                               strict=True))
+    if np.prod(shape, dtype=np.float64) > MAX_VOXELS:
+        raise ValueError(f"resampling {data.shape} at {tuple(old.round(3))} mm to "
+                         f"{voxel_size} mm gives {shape}, more than {MAX_VOXELS} voxels")
+    if shape == data.shape and np.allclose(old, voxel_size):
+        return np.asarray(data, dtype=np.float32)
+    return _resize(data, shape)
+
+
+def preprocess_volume(path: str | Path, spec: VolumeSpec, *,
+                      record_id: str | None = None) -> np.ndarray:
+    """File -> model input: C-contiguous float32 of shape ``spec.image_size`` (D, H, W), RAS+."""
+    data, affine = read_nifti(path, record_id=record_id)
+    if spec.voxel_size is not None:
+        try:
+            data = resample_to_spacing(data, affine, spec.voxel_size)
+        except ValueError as exc:
+            raise VolumeError(str(exc), path=path, record_id=record_id,
+                              fix="check VolumeSpec.voxel_size and the file's header") from exc
+    data = fit_to_shape(data, spec.image_size, spec.spatial)
+    data = normalize_intensity(data, spec.normalize, spec.percentiles)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+class VolumeAugment:
+    """Seeded random augmentation of a (D, H, W) volume built on MONAI array transforms.
+
+    Per call: a flip along each axis in ``flip_axes`` (each with ``flip_prob``); one RandAffine
+    (rotation up to ``rotate_deg`` degrees, scaling by 1 +/- ``scale``, translation up to
+    ``translate_vox`` voxels, per axis; bilinear, border padding so background stays background);
+    then intensity scaling by 1 +/- ``intensity`` and a shift of +/- ``intensity``. A zero range
+    drops that transform. ``__call__(array, seed)`` re-seeds the Compose, so the output is a pure
+    function of (array, seed); derive ``seed`` from (base seed, epoch, sample index) to make it
+    independent of DataLoader workers. Not thread-safe: use one instance per thread / worker.
+    """
+
+    def __init__(self, *, flip_prob: float = 0.5, rotate_deg: float = 5.0, scale: float = 0.05,
+                 translate_vox: float = 4.0, intensity: float = 0.1,
+                 flip_axes: tuple[int, ...] = (0, 1, 2)):
+        from monai import transforms as mt
+
+        values = {"flip_prob": flip_prob, "rotate_deg": rotate_deg, "scale": scale,
+                  "translate_vox": translate_vox, "intensity": intensity}
+        for name, v in values.items():
+            if not (isinstance(v, int | float) and np.isfinite(v) and v >= 0):
+                raise ValueError(f"VolumeAugment {name} must be a finite number >= 0, got {v!r}")
+        if flip_prob > 1 or scale >= 1 or not set(flip_axes) <= {0, 1, 2}:
+            raise ValueError("VolumeAugment needs flip_prob <= 1, scale < 1 and flip_axes "
+                             f"within (0, 1, 2); got {flip_prob}, {scale}, {flip_axes}")
+        steps: list = [mt.RandFlip(prob=flip_prob, spatial_axis=a) for a in flip_axes]
+        if rotate_deg or scale or translate_vox:
+            steps.append(mt.RandAffine(
+                prob=1.0, rotate_range=(np.deg2rad(rotate_deg),) * 3, scale_range=(scale,) * 3,
+                translate_range=(translate_vox,) * 3, mode="bilinear", padding_mode="border"))
+        if intensity:
+            steps += [mt.RandScaleIntensity(factors=intensity, prob=1.0),
+                      mt.RandShiftIntensity(offsets=intensity, prob=1.0)]
+        self.options = {**values, "flip_axes": tuple(flip_axes)}
+        self._compose = mt.Compose(steps)
+
+    def __call__(self, array: np.ndarray, seed: int) -> np.ndarray:
+        """Augment a (D, H, W) array; returns float32 of the same shape."""
+        from monai.utils import convert_to_numpy
+
+        if np.ndim(array) != 3:
+            raise ValueError(f"VolumeAugment expects a (D, H, W) array, got shape "
+                             f"{np.shape(array)}")
+        self._compose.set_random_state(seed=int(seed))
+        out = self._compose(np.asarray(array, dtype=np.float32)[None])
+        return np.ascontiguousarray(convert_to_numpy(out)[0], dtype=np.float32)

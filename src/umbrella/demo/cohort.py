@@ -1,0 +1,414 @@
+"""The embedded demo cohort: synthetic-but-realistic T1 images built from the MNI152 template.
+
+Every subject's T1 is the real MNI152 (2 mm, skull-stripped) template shipped inside nilearn,
+seen through a random per-subject transform and intensity change, plus planted phenotype
+effects that a tiny model can learn:
+
+* **sex -> global brain scale.** Males are scaled by ``1 + sex_scale``, females by
+  ``1 - sex_scale`` (default 0.05), each times a per-subject jitter drawn from N(1, 0.01).
+  The expected male/female brain-volume ratio is therefore ``((1+s)/(1-s))**3`` (1.35 at 0.05).
+* **age -> ventricle enlargement.** A smooth radial displacement centred on the lateral
+  ventricles (MNI ``VENTRICLE_CENTRE_MM``, Gaussian profile with sigma ``VENTRICLE_SIGMA_MM``)
+  pulls sampling points towards the centre by the fraction ``VENTRICLE_GAIN * (age-20)/60``
+  (0 at 20 y, 0.25 at 80 y): dark CSF spaces grow, up to ~1.33x in radius at the core.
+* **age -> grey-matter thinning.** Template intensity is moved towards the CSF level in
+  proportion to the GM probability: ``t1 -= GM_THINNING * (age-20)/60 * p_gm * (t1 - csf)``
+  (0 at 20 y, 15 % of the GM-CSF contrast at 80 y).
+* **nuisance.** Rotation uniform +-5 deg per axis, translation uniform +-4 mm per axis, global
+  gain uniform x[0.9, 1.1], a smooth multiplicative bias field (2nd-order polynomial, peak
+  deviation uniform in [0, 10 %]) and Gaussian noise with sd 2 % of the white-matter level
+  (magnitude image: ``abs(signal + noise)``).
+
+All geometric terms are composed into one coordinate map and applied with a single
+``scipy.ndimage.map_coordinates(order=1)`` call. Each subject is drawn from
+``np.random.SeedSequence([seed, subject_index])``, so images do not depend on worker count or
+order. Images are written as int16 NIfTI with scl_slope/scl_inter (readers must apply them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import multiprocessing
+import numbers
+import os
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from umbrella.errors import ConfigError, VolumeError
+
+GENERATOR = "umbrella.demo.cohort"
+GENERATOR_VERSION = 1
+MANIFEST = "cohort.json"
+PHENOTYPE = "phenotype.csv"
+STUDY = "DEMO"
+AGE_RANGE = (20.0, 80.0)
+WM_LEVEL = 1000.0  # output intensity of white matter (before gain/bias)
+FOV_CENTRE_MM = (0.0, -17.0, 5.0)  # centre of the template brain-mask bounding box, MNI mm
+VENTRICLE_CENTRE_MM = (0.0, -1.0, 15.0)  # centroid of template voxels < 30 % WM in the midbrain box
+VENTRICLE_SIGMA_MM = 18.0
+VENTRICLE_GAIN = 0.25  # radial pull at age 80 (0 at age 20)
+GM_THINNING = 0.15  # fraction of the GM-CSF contrast lost at age 80 (0 at age 20)
+SCALE_JITTER_SD = 0.01
+ROTATION_DEG = 5.0
+TRANSLATION_MM = 4.0
+GAIN_RANGE = 0.10
+BIAS_MAX = 0.10
+NOISE_SD = 0.02  # times the (gained) white-matter level
+
+
+@dataclass(frozen=True)
+class DemoSubject:
+    subject_id: str  # "sub-0001" ...
+    sex: str  # "male" | "female"
+    age: float  # years, 1 decimal
+    t1_path: str  # path RELATIVE to the cohort root, e.g. "images/sub-0001_T1w.nii.gz"
+
+
+@dataclass(frozen=True)
+class DemoCohort:
+    root: Path
+    phenotype_csv: Path  # columns: subject_id, sex, age, study  (study = "DEMO")
+    subjects: tuple[DemoSubject, ...]
+
+
+@dataclass(frozen=True)
+class _Template:
+    t1: np.ndarray  # float32, white matter = 1
+    gm: np.ndarray  # float32 GM probability, 0 outside the brain
+    inv_affine: np.ndarray  # world mm -> template voxel
+    csf_level: float  # CSF intensity on the same scale as t1
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    seed: int
+    sex: str
+    age: float
+    image_size: tuple[int, int, int]
+    voxel_mm: float
+    sex_scale: float
+    path: str  # absolute output path
+
+
+_TEMPLATE: _Template | None = None
+
+
+def planted_effects() -> dict:
+    """Describe the planted effects (words and numbers) for reports."""
+    return {
+        "sex": {"effect": "global brain scale about the field-of-view centre",
+                "male_scale": "1 + sex_scale", "female_scale": "1 - sex_scale",
+                "per_subject_jitter": f"N(1, {SCALE_JITTER_SD})",
+                "expected_volume_ratio_male_over_female": "((1 + sex_scale) / (1 - sex_scale)) ** 3"},
+        "age": {"range_years": list(AGE_RANGE),
+                "ventricle_enlargement": {"centre_mni_mm": list(VENTRICLE_CENTRE_MM),
+                                          "sigma_mm": VENTRICLE_SIGMA_MM,
+                                          "radial_pull_at_80": VENTRICLE_GAIN,
+                                          "law": "pull = gain * (age-20)/60 * exp(-r^2 / 2 sigma^2)"},
+                "grey_matter_thinning": {"fraction_of_gm_csf_contrast_at_80": GM_THINNING,
+                                         "law": "t1 -= k*(age-20)/60 * p_gm * (t1 - csf)"}},
+        "nuisance": {"rotation_deg": ROTATION_DEG, "translation_mm": TRANSLATION_MM,
+                     "gain": [1 - GAIN_RANGE, 1 + GAIN_RANGE],
+                     "bias_field": f"2nd-order polynomial, peak deviation U(0, {BIAS_MAX})",
+                     "noise_sd_fraction_of_wm": NOISE_SD},
+        "intensity": {"white_matter_level": WM_LEVEL, "dtype_on_disk": "int16 with scl_slope"},
+    }
+
+
+# ----------------------------------------------------------------------------- template
+
+def _load_template() -> _Template:
+    """Read the packaged MNI152 2 mm template and tissue maps (offline, no download)."""
+    from nilearn import datasets
+
+    t1_img = datasets.load_mni152_template(resolution=2)
+    t1 = t1_img.get_fdata(dtype=np.float32)
+    gm = datasets.load_mni152_gm_template(resolution=2).get_fdata(dtype=np.float32)
+    wm = datasets.load_mni152_wm_template(resolution=2).get_fdata(dtype=np.float32)
+    mask = datasets.load_mni152_brain_mask(resolution=2).get_fdata(dtype=np.float32) > 0.5
+    wm_level = float(np.median(t1[wm > 0.9]))
+    csf = mask & (gm < 0.1) & (wm < 0.1)
+    csf_level = float(np.median(t1[csf])) / wm_level
+    t1 = np.where(mask, t1 / wm_level, 0.0).astype(np.float32)
+    gm = np.where(mask, gm, 0.0).astype(np.float32)
+    return _Template(t1, gm, np.linalg.inv(t1_img.affine), csf_level)
+
+
+def _set_template(template: _Template) -> None:
+    global _TEMPLATE
+    _TEMPLATE = template
+
+
+def _template() -> _Template:
+    if _TEMPLATE is None:
+        _set_template(_load_template())
+    return _TEMPLATE
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+def output_affine(image_size: Sequence[int], voxel_mm: float) -> np.ndarray:
+    """RAS+ affine of the output grid: isotropic ``voxel_mm``, centred on ``FOV_CENTRE_MM``."""
+    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    half = (np.asarray(image_size, dtype=float) - 1) / 2
+    affine[:3, 3] = np.asarray(FOV_CENTRE_MM) - voxel_mm * half
+    return affine
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles_rad)
+    sx, sy, sz = np.sin(angles_rad)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _draw_nuisance(rng: np.random.Generator, sex: str, sex_scale: float) -> dict:
+    """All per-subject random terms except noise, in a fixed draw order."""
+    base = 1 + sex_scale if sex == "male" else 1 - sex_scale
+    return {
+        "scale": base * rng.normal(1.0, SCALE_JITTER_SD),
+        "rotation": _rotation(np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, 3))),
+        "translation": rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3),
+        "gain": rng.uniform(1 - GAIN_RANGE, 1 + GAIN_RANGE),
+        "bias_coef": rng.normal(size=9),
+        "bias_amp": rng.uniform(0.0, BIAS_MAX),
+    }
+
+
+def _source_coords(job: _Job, draw: dict, tpl: _Template) -> np.ndarray:
+    """Template voxel coordinates sampled by every output voxel (all geometry in one map)."""
+    out = output_affine(job.image_size, job.voxel_mm)
+    idx = np.indices(job.image_size, dtype=np.float64).reshape(3, -1)
+    world = out[:3, :3] @ idx + out[:3, 3:4]
+    centre = np.asarray(FOV_CENTRE_MM)[:, None]
+    # inverse of y = c + s R (p - c) + t
+    p = centre + draw["rotation"].T @ (world - centre - draw["translation"][:, None]) / draw["scale"]
+    vc = np.asarray(VENTRICLE_CENTRE_MM)[:, None]
+    pull = VENTRICLE_GAIN * _age_fraction(job.age)
+    r2 = np.sum((p - vc) ** 2, axis=0)
+    q = vc + (p - vc) * (1 - pull * np.exp(-r2 / (2 * VENTRICLE_SIGMA_MM**2)))
+    return tpl.inv_affine[:3, :3] @ q + tpl.inv_affine[:3, 3:4]
+
+
+def _age_fraction(age: float) -> float:
+    lo, hi = AGE_RANGE
+    return float(np.clip((age - lo) / (hi - lo), 0.0, 1.0))
+
+
+def _bias_field(shape: Sequence[int], coef: np.ndarray, amp: float) -> np.ndarray:
+    """1 + amp * f, f a 2nd-order polynomial over [-1, 1]^3 normalised to max |f| = 1."""
+    x, y, z = (np.linspace(-1, 1, n).reshape([-1 if a == i else 1 for a in range(3)])
+               for i, n in enumerate(shape))
+    terms = (x, y, z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3, x * y, x * z, y * z)
+    field = sum(c * t for c, t in zip(coef, terms, strict=True))
+    field = np.broadcast_to(field, tuple(shape))
+    peak = float(np.abs(field).max())
+    return 1 + amp * field / peak if peak > 0 else np.ones(shape)
+
+
+def synthesize_subject(job: _Job) -> np.ndarray:
+    """Float32 T1 volume for one subject (deterministic from ``[seed, index]``)."""
+    from scipy.ndimage import map_coordinates
+
+    tpl = _template()
+    rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
+    draw = _draw_nuisance(rng, job.sex, job.sex_scale)
+    thin = GM_THINNING * _age_fraction(job.age)
+    source = tpl.t1 - thin * tpl.gm * (tpl.t1 - tpl.csf_level)
+    coords = _source_coords(job, draw, tpl)
+    vol = map_coordinates(source, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+    vol = vol.reshape(job.image_size) * (WM_LEVEL * draw["gain"])
+    vol *= _bias_field(job.image_size, draw["bias_coef"], draw["bias_amp"])
+    noise = rng.standard_normal(job.image_size) * (NOISE_SD * WM_LEVEL * draw["gain"])
+    return np.abs(vol + noise).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_subject(job: _Job) -> str:
+    """Synthesize one subject and write it atomically as int16 NIfTI; returns the path."""
+    import nibabel as nib
+
+    vol = synthesize_subject(job)
+    img = nib.Nifti1Image(vol, output_affine(job.image_size, job.voxel_mm))
+    img.set_data_dtype(np.int16)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"umbrella demo cohort"
+    final = Path(job.path)
+    tmp = final.with_name(f".{final.name[:-7]}.{os.getpid()}.tmp.nii.gz")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return job.path
+
+
+def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(jobs), desc="demo cohort", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                with _write_errors(job):
+                    _write_subject(job)
+                bar.update()
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_template,
+                                 initargs=(_template(),)) as pool:
+            futures = {pool.submit(_write_subject, job): job for job in jobs}
+            try:
+                for fut in as_completed(futures):
+                    with _write_errors(futures[fut]):
+                        fut.result()
+                    bar.update()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+
+@contextmanager
+def _write_errors(job: _Job):
+    """Turn an OSError while writing one image into a VolumeError naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise VolumeError(f"cannot write demo image: {exc}", path=job.path,
+                          fix="check free disk space and write permission on the output folder") from exc
+
+
+# ----------------------------------------------------------------------------- cohort
+
+def _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers) -> tuple[int, int, int]:
+    problems = []
+    if not isinstance(n_subjects, int) or isinstance(n_subjects, bool) or n_subjects < 2:
+        problems.append(f"n_subjects must be an integer >= 2, got {n_subjects!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        problems.append(f"seed must be a non-negative integer, got {seed!r}")
+    size = tuple(image_size) if isinstance(image_size, Sequence | np.ndarray) else ()
+    if len(size) != 3 or not all(isinstance(n, numbers.Integral) and n >= 8 for n in size):
+        problems.append(f"image_size must be three integers >= 8, got {image_size!r}")
+    if not isinstance(voxel_mm, int | float) or not math.isfinite(voxel_mm) or voxel_mm <= 0:
+        problems.append(f"voxel_mm must be a positive number, got {voxel_mm!r}")
+    if not isinstance(sex_scale, int | float) or not 0 <= sex_scale < 0.5:
+        problems.append(f"sex_scale must be in [0, 0.5), got {sex_scale!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        problems.append(f"workers must be a non-negative integer, got {workers!r}")
+    if problems:
+        raise ConfigError(problems, source="build_demo_cohort")
+    return tuple(int(n) for n in size)
+
+
+def _draw_phenotypes(n_subjects: int, seed: int) -> list[DemoSubject]:
+    """Exactly balanced sex (one extra, drawn, when n is odd) and age ~ U[20, 80], 1 decimal."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xC0,)))
+    sexes = ["male", "female"] * (n_subjects // 2)
+    if n_subjects % 2:
+        sexes.append(str(rng.choice(["male", "female"])))
+    rng.shuffle(sexes)
+    ages = np.round(rng.uniform(*AGE_RANGE, n_subjects), 1)
+    width = max(4, len(str(n_subjects)))
+    return [DemoSubject(f"sub-{i + 1:0{width}d}", sex, float(age),
+                        f"images/sub-{i + 1:0{width}d}_T1w.nii.gz")
+            for i, (sex, age) in enumerate(zip(sexes, ages, strict=True))]
+
+
+def _phenotype_text(subjects: Sequence[DemoSubject]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["subject_id", "sex", "age", "study"])
+    for s in subjects:
+        writer.writerow([s.subject_id, s.sex, f"{s.age:.1f}", STUDY])
+    return buf.getvalue()
+
+
+def _read_manifest(root: Path) -> dict | None:
+    """The existing manifest, None if absent; refuses a cohort.json this module did not write."""
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        data = {"error": str(exc)}
+    if not isinstance(data, dict) or data.get("generator") != GENERATOR:
+        raise ConfigError(f"{path} exists but was not written by build_demo_cohort; "
+                          "pick an empty output folder (nothing was changed)")
+    return data
+
+
+def _reusable(root: Path, manifest: dict | None, params: dict) -> tuple[DemoSubject, ...] | None:
+    if manifest is None or manifest.get("parameters") != params:
+        return None
+    try:
+        subjects = tuple(DemoSubject(**s) for s in manifest["subjects"])
+    except (KeyError, TypeError):
+        return None
+    files = [root / PHENOTYPE] + [root / s.t1_path for s in subjects]
+    return subjects if all(f.is_file() for f in files) else None
+
+
+def build_demo_cohort(out_dir, n_subjects: int = 200, *, seed: int = 0,
+                      image_size=(96, 96, 96), voxel_mm: float = 2.1,
+                      sex_scale: float = 0.05, workers: int = 2, progress: bool = True) -> DemoCohort:
+    """Build (or reuse) the demo cohort under ``out_dir``; see the module docstring for effects.
+
+    Writes ``images/sub-XXXX_T1w.nii.gz``, ``phenotype.csv`` and, last, ``cohort.json``.
+    An existing cohort with identical parameters and all files present is reused untouched.
+    """
+    import umbrella
+
+    size = _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers)
+    root = Path(out_dir).resolve()
+    params = {"n_subjects": n_subjects, "seed": seed, "image_size": list(size),
+              "voxel_mm": float(voxel_mm), "sex_scale": float(sex_scale),
+              "generator_version": GENERATOR_VERSION, "umbrella_version": umbrella.__version__}
+    manifest = _read_manifest(root) if root.is_dir() else None
+    subjects = _reusable(root, manifest, params)
+    if subjects is None:
+        subjects = tuple(_draw_phenotypes(n_subjects, seed))
+        _generate(root, subjects, params, stale_manifest=manifest is not None, workers=workers,
+                  progress=progress)
+    return DemoCohort(root=root, phenotype_csv=root / PHENOTYPE, subjects=subjects)
+
+
+def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, *,
+              stale_manifest: bool, workers: int, progress: bool) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if stale_manifest:  # ours (checked); drop it first so a crash cannot leave it describing new files
+        (root / MANIFEST).unlink(missing_ok=True)
+    jobs = [_Job(i, params["seed"], s.sex, s.age, tuple(params["image_size"]), params["voxel_mm"],
+                 params["sex_scale"], str(root / s.t1_path)) for i, s in enumerate(subjects)]
+    _run_jobs(jobs, workers, progress)
+    _atomic_write_text(root / PHENOTYPE, _phenotype_text(subjects))
+    manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": planted_effects(),
+                "subjects": [asdict(s) for s in subjects]}
+    _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,93 @@
+"""Two ways to get an answer from BrainLlava.
+
+- likelihood: every allowed option is appended to the prompt and scored by the sum of the
+  log-probabilities of its tokens and the closing ``<|im_end|>``; a softmax over the options gives
+  probabilities (for ROC-AUC). Images are encoded once per record, not once per option.
+- generate: greedy decoding (deterministic), stopped at ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from umbrella.data.collate import BrainCollator
+from umbrella.data.prompts import PromptEncoder
+
+
+def _stack_images(items: list[list[tuple[str, torch.Tensor]]]):
+    """[[(modality, (C, D, H, W)), ...] per record] -> pixel_values dict + image_order."""
+    stacks: dict[str, list[torch.Tensor]] = {}
+    order = []
+    for images in items:
+        for modality, tensor in images:
+            stacks.setdefault(modality, []).append(tensor)
+            order.append((modality, len(stacks[modality]) - 1))
+    return {m: torch.stack(v) for m, v in stacks.items()}, order
+
+
+@torch.no_grad()
+def score_options(model, encoder: PromptEncoder, samples: list[dict],
+                  options: list[list[str]]) -> list[torch.Tensor]:
+    """Log-likelihood of each option per sample.
+
+    samples: dicts with "images" [(modality, tensor)] and "turns" (the conversation up to the answer)
+    options: per sample, the answers to score. Returns per sample a (K,) float tensor.
+    """
+    device = model.device
+    pixel_values, order = _stack_images([s["images"] for s in samples])
+    pixel_values = {m: v.to(device) for m, v in pixel_values.items()}
+    feats = model.image_features(pixel_values, order) if order else []
+    seqs, answer_lens, seq_feats, cursor = [], [], [], 0
+    for sample, opts in zip(samples, options, strict=True):
+        n_img = len(sample["images"])
+        mine = feats[cursor:cursor + n_img]
+        cursor += n_img
+        prompt = encoder.encode_prompt(sample["turns"], sample["image_tokens"])
+        for opt in opts:
+            answer = encoder.answer_ids(opt)
+            seqs.append(prompt + answer)
+            answer_lens.append(len(answer))
+            seq_feats += mine
+    collate = BrainCollator(encoder.tok.pad_token_id, padding_side="right")
+    batch = collate([{"input_ids": torch.tensor(s), "attention_mask": torch.ones(len(s), dtype=torch.long),
+                      "images": [], "id": ""} for s in seqs])
+    mm = {"image": _pooled(seq_feats)} if seq_feats else None
+    logits = model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=batch["attention_mask"].to(device), mm_encoder_outputs=mm).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    scores = []
+    for row, (seq, n_ans) in enumerate(zip(seqs, answer_lens, strict=True)):
+        start = len(seq) - n_ans
+        targets = torch.tensor(seq[start:], device=device)
+        scores.append(logp[row, start - 1:len(seq) - 1].gather(1, targets[:, None]).sum().item())
+    out, k = [], 0
+    for opts in options:
+        out.append(torch.tensor(scores[k:k + len(opts)]))
+        k += len(opts)
+    return out
+
+
+def _pooled(feats):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=list(feats))
+
+
+@torch.no_grad()
+def generate_answers(model, encoder: PromptEncoder, samples: list[dict],
+                     max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers for samples (dicts with "images", "turns", "image_tokens"), left-padded batch."""
+    device = model.device
+    pixel_values, order = _stack_images([s["images"] for s in samples])
+    pixel_values = {m: v.to(device) for m, v in pixel_values.items()}
+    mm = model.encode_images(pixel_values, order) if order else None
+    prompts = [encoder.encode_prompt(s["turns"], s["image_tokens"]) for s in samples]
+    collate = BrainCollator(encoder.tok.pad_token_id, padding_side="left")
+    batch = collate([{"input_ids": torch.tensor(p), "attention_mask": torch.ones(len(p), dtype=torch.long),
+                      "images": [], "id": ""} for p in prompts])
+    out = model.generate(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device), mm_encoder_outputs=mm,
+                         max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=encoder.im_end, pad_token_id=encoder.tok.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [encoder.tok.decode(row, skip_special_tokens=True).strip() for row in new]

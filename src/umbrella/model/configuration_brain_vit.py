@@ -1,0 +1,74 @@
+"""Configuration of the brain vision tower: one patch embedding per modality, a shared encoder.
+
+Plain values only; validated on construction. Registered with ``AutoConfig`` under
+``model_type = "umbrella_brain_vit"`` so that ``LlavaConfig(vision_config=...)`` builds, saves and
+reloads it like any other tower.
+"""
+
+from __future__ import annotations
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+KNOWN_MODALITIES = ("T1", "rsfMRI", "dMRI")
+
+
+def _check_modality(name: str, spec: dict) -> dict:
+    """Normalise one modality spec and check its geometry; raises ValueError naming the modality."""
+    if name not in KNOWN_MODALITIES:
+        raise ValueError(f"unknown modality {name!r} in vision_config.modalities; "
+                         f"choose from {', '.join(KNOWN_MODALITIES)}")
+    image_size = [int(v) for v in spec["image_size"]]
+    patch_size = [int(v) for v in spec["patch_size"]]
+    if len(image_size) != len(patch_size):
+        raise ValueError(f"{name}: image_size {image_size} and patch_size {patch_size} differ in rank")
+    for axis, (size, patch) in enumerate(zip(image_size, patch_size, strict=True)):
+        if patch <= 0 or size % patch:
+            raise ValueError(f"{name}: image_size[{axis}]={size} is not a multiple of "
+                             f"patch_size[{axis}]={patch}; change one of them")
+    return {"in_channels": int(spec.get("in_channels", 1)), "image_size": image_size,
+            "patch_size": patch_size}
+
+
+def num_patches(spec: dict) -> int:
+    """Visual tokens one image of this modality becomes."""
+    return math.prod(s // p for s, p in zip(spec["image_size"], spec["patch_size"], strict=True))
+
+
+@strict
+class BrainViTConfig(PreTrainedConfig):
+    r"""
+    modalities (`dict[str, dict]`):
+        Per modality: ``in_channels``, ``image_size`` (D, H, W) and ``patch_size``. Each modality gets its
+        own patch embedding and position table; ``image_size / patch_size`` per axis gives its tokens.
+    """
+
+    model_type = "umbrella_brain_vit"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float | int = 0.0
+    initializer_range: float = 0.02
+    modalities: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.modalities is None:
+            self.modalities = {"T1": {"in_channels": 1, "image_size": [96, 96, 96],
+                                      "patch_size": [16, 16, 16]}}
+        if not self.modalities:
+            raise ValueError("vision_config.modalities is empty: give at least one modality")
+        self.modalities = {m: _check_modality(m, s) for m, s in self.modalities.items()}
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        super().__post_init__(**kwargs)
+
+    def tokens_per_image(self, modality: str) -> int:
+        return num_patches(self.modalities[modality])

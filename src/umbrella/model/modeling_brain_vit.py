@@ -1,0 +1,103 @@
+"""The brain vision tower: per-modality 3D patch embeddings feeding a shared transformer encoder.
+
+Shapes::
+
+    pixel_values (B, C, D, H, W)  --patch embedding of `modality`-->  (B, N, hidden)
+    N = prod(image_size // patch_size), e.g. 96³ / 16³ = 216 tokens
+    --encoder layers-->  hidden_states: tuple of num_hidden_layers + 1 tensors (B, N, hidden)
+
+There is no CLS token (LLaVA must use ``vision_feature_select_strategy="full"``) and no final layer
+norm, so every parameter takes part in the features LLaVA selects (``vision_feature_layer=-1``).
+Encoder layers are SigLIP encoder layers, so a pretrained SigLIP tower's layers load one to one.
+Parameter names carry the modality (``embeddings.T1.proj.weight``) so the trainer finds idle ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches
+
+
+class BrainPatchEmbedding(nn.Module):
+    """Non-overlapping 3D patches -> linear projection + learned position table of this modality."""
+
+    def __init__(self, hidden_size: int, spec: dict):
+        super().__init__()
+        self.image_size = tuple(spec["image_size"])
+        self.in_channels = spec["in_channels"]
+        patch = tuple(spec["patch_size"])
+        self.proj = nn.Conv3d(self.in_channels, hidden_size, kernel_size=patch, stride=patch)
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> (B, N, hidden)."""
+        expected = (self.in_channels, *self.image_size)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
+                             f"modality's (B, {', '.join(map(str, expected))})")
+        patches = self.proj(pixel_values.to(self.proj.weight.dtype))  # (B, hidden, d, h, w)
+        return patches.flatten(2).transpose(1, 2) + self.position_embedding
+
+
+class BrainViTPreTrainedModel(PreTrainedModel):
+    config_class = BrainViTConfig
+    config: BrainViTConfig
+    base_model_prefix = "brain_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SiglipEncoderLayer", "BrainPatchEmbedding"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BrainPatchEmbedding):
+            init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
+
+
+class BrainViTModel(BrainViTPreTrainedModel):
+    def __init__(self, config: BrainViTConfig):
+        super().__init__(config)
+        self.embeddings = nn.ModuleDict(
+            {m: BrainPatchEmbedding(config.hidden_size, spec) for m, spec in config.modalities.items()})
+        self.layers = nn.ModuleList([SiglipEncoderLayer(config)
+                                     for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def _pick_modality(self, modality: str | None) -> str:
+        if modality is None:
+            if len(self.embeddings) == 1:
+                return next(iter(self.embeddings))
+            raise ValueError(f"this tower has several modalities ({', '.join(self.embeddings)}): "
+                             "pass modality=...")
+        if modality not in self.embeddings:
+            raise ValueError(f"modality {modality!r} has no patch embedding in this model; it has "
+                             f"{', '.join(self.embeddings)}")
+        return modality
+
+    def forward(self, pixel_values: torch.Tensor, modality: str | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values (B, C, D, H, W) of one modality -> last_hidden_state (B, N, hidden).
+
+        ``hidden_states`` (embeddings, then each layer's output) is always returned: LLaVA selects
+        its features from it.
+        """
+        hidden = self.embeddings[self._pick_modality(modality)](pixel_values)
+        states = [hidden]
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+            states.append(hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=None,
+                                          hidden_states=tuple(states))

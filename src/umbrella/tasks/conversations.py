@@ -1,0 +1,45 @@
+"""Phenotype rows -> instruction records (LLaVA form), one question phrasing drawn per record."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from umbrella.tasks.registry import TaskSpec
+
+
+def classification_record(task: TaskSpec, *, subject_id: str, answer: str,
+                          images: list[dict], study: str, split: str,
+                          rng: np.random.Generator, metadata: dict | None = None) -> dict:
+    """A one-turn record asking ``task``'s question about ``images``; ``answer`` must be an option."""
+    if answer not in task.options:
+        raise ValueError(f"subject {subject_id}: answer {answer!r} is not one of {task.options}")
+    question = task.questions[int(rng.integers(len(task.questions)))]
+    prefix = "".join("<image>\n" for _ in images)
+    rec = {"id": f"{subject_id}_{task.name}", "subject_id": subject_id, "study": study,
+           "task": task.name, "split": split, "images": images,
+           "conversations": [{"from": "human", "value": prefix + question},
+                             {"from": "gpt", "value": answer}]}
+    if metadata:
+        rec["metadata"] = metadata
+    return rec
+
+
+def subject_splits(subject_ids: list[str], strata: list[str], ratios=(0.6, 0.2, 0.2),
+                   seed: int = 12345) -> dict[str, str]:
+    """Stratified subject-level split: {subject_id: "train"|"val"|"test"}, reproducible from seed.
+
+    Subjects are sorted first, so the result depends only on the set of ids, strata and the seed.
+    """
+    if abs(sum(ratios) - 1.0) > 1e-6 or len(ratios) != 3:
+        raise ValueError(f"split ratios {ratios} must be three numbers summing to 1")
+    rng = np.random.default_rng(seed)
+    pairs = sorted(zip(subject_ids, strata, strict=True))
+    out: dict[str, str] = {}
+    for stratum in sorted(set(strata)):
+        ids = [s for s, k in pairs if k == stratum]
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+        n_train = round(ratios[0] * len(ids))
+        n_val = round(ratios[1] * len(ids))
+        for i, sid in enumerate(ids):
+            out[sid] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return out

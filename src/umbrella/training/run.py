@@ -1,0 +1,155 @@
+"""`umbrella train`: config -> run folder with the trained model.
+
+Run folder layout (enough to evaluate and to ask)::
+
+    <output_dir>/<task>__<preset>__<hash>/seed_<n>/
+        config.yaml        resolved config
+        env.json           host, versions, threads
+        splits.json        subject -> split actually used
+        log_history.json   training/validation losses per step
+        checkpoints/       intermediate checkpoints (training.save_steps)
+        model/             final model (safetensors) + tokenizer + preprocessing.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+import umbrella
+from umbrella.config import UmbrellaConfig, config_to_dict, save_config
+from umbrella.data.catalog import by_split, load_config_records, modality_inputs, save_preprocessing
+from umbrella.data.collate import BrainCollator
+from umbrella.data.dataset import InstructionDataset
+from umbrella.data.prompts import PromptEncoder
+from umbrella.data.tokenizer import record_texts, train_tokenizer
+from umbrella.data.volumes import VolumeAugment
+from umbrella.errors import ConfigError
+from umbrella.io import atomic_write_json
+from umbrella.model.build import build_brain_llava
+from umbrella.data.catalog import geometry
+from umbrella.tasks.registry import TASKS
+from umbrella.training.trainer import EpochSetter, UmbrellaTrainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    train_loss: float
+    seconds: float
+
+
+def run_dir_for(cfg: UmbrellaConfig, task_names: list[str]) -> Path:
+    """<output_dir>/<task>__<preset>__<hash of the config>/seed_<n>."""
+    tree = config_to_dict(cfg)
+    tree["training"] = {k: v for k, v in tree["training"].items()
+                        if k not in ("output_dir", "run_name", "seed", "num_workers", "threads")}
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    task = "+".join(sorted(set(task_names))) or "chat"
+    name = cfg.training.run_name or f"{task}__{cfg.model.preset}__{digest}"
+    return Path(cfg.training.output_dir) / name / f"seed_{cfg.training.seed}"
+
+
+def environment() -> dict:
+    import transformers
+
+    return {"host": platform.node(), "platform": platform.platform(),
+            "python": platform.python_version(), "umbrella": umbrella.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _tokenizer_corpus(records) -> list[str]:
+    texts = list(record_texts(records))
+    for task in TASKS.values():
+        texts += list(task.questions) + list(task.options)
+    return texts
+
+
+def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder):
+    inputs = modality_inputs(cfg)
+    augment = {m: VolumeAugment(flip_axes=(0,)) for m, s in cfg.dataset.enabled().items()
+               if s.augment}
+    common = dict(encoder=encoder, inputs=inputs, seed=cfg.training.seed,
+                  max_length=cfg.model.max_length, memoize=cfg.dataset.memoize)
+    train = InstructionDataset(splits["train"], augment=augment, **common)
+    val = InstructionDataset(splits["val"], **common) if splits.get("val") else None
+    return inputs, train, val
+
+
+def _arguments(cfg: UmbrellaConfig, run_dir: Path, has_val: bool, progress: bool):
+    t = cfg.training
+    evaluate = has_val and t.eval_steps > 0
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_steps if evaluate else None,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        logging_steps=t.logging_steps, report_to=[] if cfg.tracking.report_to == "none"
+        else [cfg.tracking.report_to], dataloader_num_workers=t.num_workers, seed=t.seed,
+        remove_unused_columns=False, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        save_only_model=False)
+
+
+def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
+    """Train BrainLlava on the configured records; returns where the run and the model are."""
+    start = time.time()
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
+    set_seed(cfg.training.seed)
+    records = load_config_records(cfg)
+    splits = by_split(records)
+    if not splits.get("train"):
+        raise ConfigError(f"no records with split 'train' (found splits: {', '.join(splits) or 'none'})")
+    run_dir = run_dir_for(cfg, [r.task for r in records])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_json(run_dir / "env.json", environment())
+    atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
+
+    tokenizer = train_tokenizer(_tokenizer_corpus(splits["train"]), cfg.model.vocab_size)
+    encoder = PromptEncoder(tokenizer)
+    inputs, train_set, val_set = _datasets(cfg, splits, encoder)
+    model = build_brain_llava(cfg.model, {m: geometry(s) for m, s in cfg.dataset.enabled().items()},
+                              tokenizer, seed=cfg.training.seed)
+    trainer = UmbrellaTrainer(model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
+                              train_dataset=train_set, eval_dataset=val_set,
+                              data_collator=BrainCollator(tokenizer.pad_token_id),
+                              callbacks=[EpochSetter(train_set)])
+    result = trainer.train()
+    model_dir = save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+    atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+    return TrainResult(run_dir, model_dir, float(result.training_loss), time.time() - start)
+
+
+def save_model(model, tokenizer, inputs, folder: Path) -> Path:
+    """Model (safetensors), tokenizer and preprocessing settings, written to a temp folder first."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_preprocessing(inputs, tmp)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
