@@ -20,3 +20,41 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import pytest  # noqa: E402
+
+TINY = {"n": 24, "size": 32, "voxel_mm": 6.3, "patch": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """24 demo subjects at 32³ (6.3 mm voxels): real template, planted sex effect, seconds to build."""
+    from umbrella.demo.cohort import build_demo_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    return build_demo_cohort(root, TINY["n"], seed=0, image_size=(TINY["size"],) * 3,
+                             voxel_mm=TINY["voxel_mm"], workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tiny_cohort, tmp_path_factory):
+    from umbrella.demo.run import write_sex_records
+
+    return write_sex_records(tiny_cohort, tmp_path_factory.mktemp("records") / "sex.jsonl", seed=0)
+
+
+@pytest.fixture
+def tiny_config(tiny_cohort, tiny_records, tmp_path):
+    """A factory: the tiny training config with extra dotlist overrides."""
+    from umbrella.config import load_config
+
+    def make(*overrides):
+        s, p = TINY["size"], TINY["patch"]
+        base = [f"dataset.T1.records=[{tiny_records}]", f"dataset.T1.data_root={tiny_cohort.root}",
+                f"dataset.T1.image_size=[{s},{s},{s}]", f"dataset.T1.patch_size=[{p},{p},{p}]",
+                f"training.output_dir={tmp_path / 'runs'}", "training.max_steps=30",
+                "training.batch_size=8", "training.warmup_steps=5", "training.eval_steps=0",
+                "training.logging_steps=5", "dataset.memoize=true", "model.vocab_size=300"]
+        return load_config(None, base + list(overrides))
+
+    return make

@@ -115,6 +115,16 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         feats = self.image_features(pixel_values, image_order)
         return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
 
+    def _check_placeholders(self, input_ids, feats: list[torch.Tensor]) -> None:
+        if input_ids is None:
+            return
+        n_tokens = int((input_ids == self.config.image_token_id).sum())
+        n_feats = sum(int(f.shape[0]) for f in feats)
+        if n_tokens != n_feats:
+            raise ModelError(f"input_ids hold {n_tokens} image tokens but the {len(feats)} images "
+                             f"give {n_feats} features; expand each <image> to its modality's "
+                             "token count")
+
     def forward(self, input_ids=None, pixel_values=None, image_order=None, attention_mask=None,
                 labels=None, mm_encoder_outputs=None, **kwargs):
         """input_ids (B, L) with every <image> already expanded to its modality's token count."""
@@ -123,6 +133,7 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 raise ModelError("pixel_values is a dict of modalities: pass image_order too")
             if image_order:
                 mm_encoder_outputs = self.encode_images(pixel_values, image_order)
+                self._check_placeholders(input_ids, mm_encoder_outputs["image"].pooler_output)
             pixel_values = None
         return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                attention_mask=attention_mask, labels=labels,

@@ -1,0 +1,34 @@
+# UMBRELLA — `make demo` and `make test` install into .venv on first use, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install demo test test-all lint bench clean-demo
+
+# Reinstalls only when pyproject.toml changes (the stamp file records the last install).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/umbrella demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean-demo:
+	rm -rf umbrella-demo

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from umbrella.config import load_config, save_config
+from umbrella.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["training.max_steps=20", "dataset.T1.records=[a.jsonl]",
+                             "dataset.T1.image_size=[64,64,64]"])
+    assert cfg.training.max_steps == 20
+    assert cfg.dataset.T1.image_size == [64, 64, 64]
+    assert list(cfg.dataset.enabled()) == ["T1"]  # empty rsfMRI/dMRI sections are skipped
+
+
+def test_unknown_keys_named_with_nearest_valid_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset:\n  T1:\n    imge_size: [32, 32, 32]\ntraining:\n  max_step: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    text = str(err.value)
+    assert "dataset.T1.imge_size" in text and "dataset.T1.image_size" in text
+    assert "training.max_step'" in text and "training.max_steps" in text
+    assert str(bad) in text
+    assert len(err.value.problems) == 2  # all problems reported together
+
+
+def test_mistyped_value_and_bad_choice():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.learning_rate=fast", "training.lr_scheduler=warm"])
+    text = str(err.value)
+    assert "training.learning_rate" in text and "'fast'" in text
+    assert "training.lr_scheduler" in text and "cosine" in text
+
+
+def test_override_must_be_key_value():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["training.max_steps"])
+
+
+def test_value_given_a_section():
+    with pytest.raises(ConfigError, match="takes a value"):
+        load_config(None, ["training.seed.x=1"])
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(None, ["model.vision_layers=3", "dataset.T1.records=[r.jsonl]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    load_config(path)
