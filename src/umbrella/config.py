@@ -38,6 +38,13 @@ class ModalityConfig:
     spatial: str = "crop_pad"  # crop_pad | resize
     normalize: str = "zscore_brain"  # zscore_brain | percentile | none
     augment: bool = False  # random flips/affine (MONAI) on the training split
+    # rsfMRI only: image_size/patch_size then carry a 4th (time) entry, e.g. [96,96,96,20]
+    sequence_length: int = 20  # frames per window
+    stride_within_seq: int = 1  # step between frames of a window
+    stride_between_seq: int = 1  # step between window starts
+    eval_windows: str = "first"  # first | all (predictions averaged per subject)
+    # dMRI only: scalar map computed from a 4D DWI series (with bval/bvec) during `cache`
+    dmri_map: str = "FA"  # FA | MD | AD | RD
 
     @property
     def enabled(self) -> bool:
@@ -51,6 +58,12 @@ class DatasetConfig:
     dMRI: ModalityConfig = field(default_factory=ModalityConfig)
     tasks: list[str] = field(default_factory=list)  # keep only these tasks (empty: all)
     memoize: bool = False  # keep decoded volumes in RAM (float16) after first use: small cohorts
+    cache_dir: str | None = None  # preprocessing cache (`umbrella cache`); used when present
+    mixing: str = "proportional"  # proportional | round_robin | temperature (modality batches)
+    temperature: float = 2.0  # for mixing=temperature: p(m) ~ n_m ** (1 / temperature)
+    pad_to_multiple_of: int = 8  # text padding (0: pad to the longest only)
+    on_bad_sample: str = "error"  # error | skip (replace deterministically, count, log)
+    max_bad_fraction: float = 0.01  # with skip: stop when more than this fraction failed
 
     def enabled(self) -> dict[str, ModalityConfig]:
         return {m: getattr(self, m) for m in MODALITIES if getattr(self, m).enabled}
@@ -116,11 +129,17 @@ class UmbrellaConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # per-study overrides of the registry (umbrella.data.studies), e.g. {ABCD: {tr: 0.8}}
+    studies: dict[str, Any] = field(default_factory=dict)
 
 
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),
-    "normalize": ("zscore_brain", "percentile", "none"),
+    "normalize": ("zscore_brain", "percentile", "none", "zscore_run", "zscore_run_bgmin"),
+    "eval_windows": ("first", "all"),
+    "dmri_map": ("FA", "MD", "AD", "RD"),
+    "mixing": ("proportional", "round_robin", "temperature"),
+    "on_bad_sample": ("error", "skip"),
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
@@ -153,6 +172,8 @@ def _schema_node(path: str) -> tuple[Any, str | None]:
             return None, f"unknown key '{path}'{hint}"
         walked.append(part)
         factory = names[part].default_factory
+        if factory is dict:  # a free-form mapping: any sub-key is accepted
+            return names[part], None
         node = factory if factory is not MISSING and is_dataclass(factory) else names[part]
     return node, None
 
