@@ -128,8 +128,10 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
                               tokenizer, seed=cfg.training.seed)
     trainer = UmbrellaTrainer(model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
                               train_dataset=train_set, eval_dataset=val_set,
-                              data_collator=BrainCollator(tokenizer.pad_token_id),
-                              callbacks=[EpochSetter(train_set)])
+                              data_collator=BrainCollator(tokenizer.pad_token_id,
+                                                          pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None),
+                              callbacks=[EpochSetter(train_set)], mixing=cfg.dataset.mixing,
+                              temperature=cfg.dataset.temperature)
     result = trainer.train()
     model_dir = save_model(trainer.model, tokenizer, inputs, run_dir / "model")
     atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
