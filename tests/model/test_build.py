@@ -84,3 +84,17 @@ def test_bad_geometry_and_base_rejected(parts):
                                                  "patch_size": [8, 8, 8]}}, tok)
     with pytest.raises(ModelError, match="not implemented yet"):
         build_brain_llava(ModelConfig(base="llava-hf/llava-1.5-7b-hf"), GEOM, tok)
+
+
+def test_4d_patch_embedding_folds_time_blocks():
+    from umbrella.model.modeling_brain_vit import BrainPatchEmbedding
+
+    emb = BrainPatchEmbedding(8, {"in_channels": 1, "image_size": [8, 8, 8, 6],
+                                  "patch_size": [4, 4, 4, 3]})
+    x = torch.randn(2, 1, 8, 8, 8, 6)
+    out = emb(x)
+    assert out.shape == (2, 16, 8)  # 2 time blocks x 8 spatial patches
+    # token 8 = time block 1 (frames 3..5), spatial patch 0
+    patch = x[0, 0, :4, :4, :4, 3:6].permute(3, 0, 1, 2)
+    manual = (emb.proj.weight * patch).sum(dim=(1, 2, 3, 4)) + emb.proj.bias
+    assert torch.allclose(out[0, 8] - emb.position_embedding[0, 8], manual, atol=1e-5)

@@ -22,8 +22,9 @@ def _check_modality(name: str, spec: dict) -> dict:
                          f"choose from {', '.join(KNOWN_MODALITIES)}")
     image_size = [int(v) for v in spec["image_size"]]
     patch_size = [int(v) for v in spec["patch_size"]]
-    if len(image_size) != len(patch_size):
-        raise ValueError(f"{name}: image_size {image_size} and patch_size {patch_size} differ in rank")
+    if len(image_size) != len(patch_size) or len(image_size) not in (3, 4):
+        raise ValueError(f"{name}: image_size {image_size} and patch_size {patch_size} must both be "
+                         "(D, H, W) or, for 4D inputs such as rsfMRI windows, (D, H, W, T)")
     for axis, (size, patch) in enumerate(zip(image_size, patch_size, strict=True)):
         if patch <= 0 or size % patch:
             raise ValueError(f"{name}: image_size[{axis}]={size} is not a multiple of "
@@ -41,8 +42,9 @@ def num_patches(spec: dict) -> int:
 class BrainViTConfig(PreTrainedConfig):
     r"""
     modalities (`dict[str, dict]`):
-        Per modality: ``in_channels``, ``image_size`` (D, H, W) and ``patch_size``. Each modality gets its
-        own patch embedding and position table; ``image_size / patch_size`` per axis gives its tokens.
+        Per modality: ``in_channels``, ``image_size`` (D, H, W) or (D, H, W, T) and ``patch_size`` of
+        the same rank. Each modality gets its own patch embedding and position table;
+        ``image_size / patch_size`` per axis, multiplied, gives its tokens.
     """
 
     model_type = "umbrella_brain_vit"

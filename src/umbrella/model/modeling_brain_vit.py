@@ -2,8 +2,8 @@
 
 Shapes::
 
-    pixel_values (B, C, D, H, W)  --patch embedding of `modality`-->  (B, N, hidden)
-    N = prod(image_size // patch_size), e.g. 96³ / 16³ = 216 tokens
+    pixel_values (B, C, D, H, W) or (B, C, D, H, W, T)  --patch embedding of `modality`-->  (B, N, hidden)
+    N = prod(image_size // patch_size), e.g. 96³ / 16³ = 216 tokens; 96³×20 / 16³×20 = 216
     --encoder layers-->  hidden_states: tuple of num_hidden_layers + 1 tensors (B, N, hidden)
 
 There is no CLS token (LLaVA must use ``vision_feature_select_strategy="full"``) and no final layer
@@ -25,24 +25,42 @@ from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches
 
 
 class BrainPatchEmbedding(nn.Module):
-    """Non-overlapping 3D patches -> linear projection + learned position table of this modality."""
+    """Non-overlapping patches -> linear projection + learned position table of this modality.
+
+    3D: (B, C, D, H, W), patches (pd, ph, pw) -> N = (D/pd)(H/ph)(W/pw) tokens.
+    4D: (B, C, D, H, W, T), patches (pd, ph, pw, pt): each block of pt frames is folded into the
+    channels of a 3D patch, so N = (T/pt)(D/pd)(H/ph)(W/pw), time blocks outermost.
+    """
 
     def __init__(self, hidden_size: int, spec: dict):
         super().__init__()
         self.image_size = tuple(spec["image_size"])
         self.in_channels = spec["in_channels"]
         patch = tuple(spec["patch_size"])
-        self.proj = nn.Conv3d(self.in_channels, hidden_size, kernel_size=patch, stride=patch)
+        self.time_patch = patch[3] if len(patch) == 4 else None
+        channels = self.in_channels * (self.time_patch or 1)
+        self.proj = nn.Conv3d(channels, hidden_size, kernel_size=patch[:3], stride=patch[:3])
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
 
+    def _fold_time(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W, T) -> (B * T/pt, C * pt, D, H, W)."""
+        b, c, d, h, w, t = x.shape
+        pt = self.time_patch
+        x = x.reshape(b, c, d, h, w, t // pt, pt).permute(0, 5, 1, 6, 2, 3, 4)
+        return x.reshape(b * (t // pt), c * pt, d, h, w)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, N, hidden)."""
+        """(B, C, D, H, W) or (B, C, D, H, W, T) -> (B, N, hidden)."""
         expected = (self.in_channels, *self.image_size)
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
                              f"modality's (B, {', '.join(map(str, expected))})")
-        patches = self.proj(pixel_values.to(self.proj.weight.dtype))  # (B, hidden, d, h, w)
-        return patches.flatten(2).transpose(1, 2) + self.position_embedding
+        x = pixel_values.to(self.proj.weight.dtype)
+        batch = x.shape[0]
+        if self.time_patch is not None:
+            x = self._fold_time(x)
+        patches = self.proj(x).flatten(2).transpose(1, 2)  # (B * blocks, n, hidden)
+        return patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
 
 
 class BrainViTPreTrainedModel(PreTrainedModel):
@@ -89,7 +107,7 @@ class BrainViTModel(BrainViTPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, modality: str | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 **kwargs) -> BaseModelOutputWithPooling:
-        """pixel_values (B, C, D, H, W) of one modality -> last_hidden_state (B, N, hidden).
+        """pixel_values (B, C, D, H, W[, T]) of one modality -> last_hidden_state (B, N, hidden).
 
         ``hidden_states`` (embeddings, then each layer's output) is always returned: LLaVA selects
         its features from it.

@@ -37,7 +37,7 @@ from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava
 from umbrella.data.catalog import geometry
 from umbrella.tasks.registry import TASKS
-from umbrella.training.trainer import EpochSetter, UmbrellaTrainer
+from umbrella.training.trainer import EpochSetter, ReleaseIdleGrads, UmbrellaTrainer
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _arguments(cfg: UmbrellaConfig, run_dir: Path, has_val: bool, progress: bool
         logging_steps=t.logging_steps, report_to=[] if cfg.tracking.report_to == "none"
         else [cfg.tracking.report_to], dataloader_num_workers=t.num_workers, seed=t.seed,
         remove_unused_columns=False, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        save_only_model=False)
+        save_only_model=False, ddp_find_unused_parameters=False)
 
 
 def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
@@ -130,7 +130,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
                               train_dataset=train_set, eval_dataset=val_set,
                               data_collator=BrainCollator(tokenizer.pad_token_id,
                                                           pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None),
-                              callbacks=[EpochSetter(train_set)], mixing=cfg.dataset.mixing,
+                              callbacks=[EpochSetter(train_set), ReleaseIdleGrads(model)], mixing=cfg.dataset.mixing,
                               temperature=cfg.dataset.temperature)
     result = trainer.train()
     model_dir = save_model(trainer.model, tokenizer, inputs, run_dir / "model")

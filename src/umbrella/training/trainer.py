@@ -1,7 +1,18 @@
-"""The Trainer subclass: only the loss hook and the save hook differ from transformers.Trainer."""
+"""The Trainer subclass: only the data, loss and save hooks differ from transformers.Trainer.
+
+Idle-modality parameters. A batch uses the patch embeddings of its own modalities only. So that
+every DDP rank reduces the same parameter set whatever its batch held, the loss gets
+``0 * p.sum()`` for every parameter of the embeddings the batch did not use: their gradient is
+then a real zero tensor on every rank (no ``find_unused_parameters`` traversal, and it works with
+gradient checkpointing). After the all-reduce, :class:`ReleaseIdleGrads` turns gradients that are
+exactly zero on a modality embedding back into ``None``, so AdamW skips those parameters entirely:
+no weight decay and no momentum step. An embedding that no rank used in a step therefore stays
+bit-identical; one used by any rank is updated normally.
+"""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import torch
@@ -12,6 +23,50 @@ from transformers.trainer_utils import seed_worker
 from umbrella.data.sampling import ModalityBatchSampler, group_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_order")
+_EMBEDDING = re.compile(r"vision_tower\.embeddings\.([A-Za-z0-9]+)\.")
+
+
+def modality_parameters(model) -> dict[str, list[torch.nn.Parameter]]:
+    """Trainable parameters of each modality's patch embedding, found by the modality in the name."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        match = _EMBEDDING.search(name)
+        if match and param.requires_grad:
+            groups.setdefault(match.group(1), []).append(param)
+    return groups
+
+
+def idle_term(model, used: set[str]) -> torch.Tensor | None:
+    """0 * sum of every parameter of the embeddings not in ``used`` (None when all are used)."""
+    idle = [p for m, ps in modality_parameters(model).items() if m not in used for p in ps]
+    if not idle:
+        return None
+    return torch.stack([p.sum() for p in idle]).sum() * 0.0
+
+
+def unified_loss(model, inputs: dict, num_items_in_batch=None):
+    """Mean NLL over the batch's answer tokens (+ the zero idle-modality term while training)."""
+    batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+    if num_items_in_batch is not None:
+        batch["num_items_in_batch"] = num_items_in_batch
+    outputs = model(**batch)
+    loss = outputs.loss
+    if model.training:
+        zero = idle_term(model, set(batch.get("pixel_values", {})))
+        if zero is not None:
+            loss = loss + zero
+    return loss, outputs
+
+
+def release_idle_grads(model) -> int:
+    """Exactly-zero gradients of modality embeddings -> None (AdamW then skips them). Returns count."""
+    released = 0
+    for params in modality_parameters(model).values():
+        for p in params:
+            if p.grad is not None and not p.grad.any():
+                p.grad = None
+                released += 1
+    return released
 
 
 class UmbrellaTrainer(Trainer):
@@ -48,11 +103,7 @@ class UmbrellaTrainer(Trainer):
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-        if num_items_in_batch is not None:
-            batch["num_items_in_batch"] = num_items_in_batch
-        outputs = model(**batch)
-        loss = outputs.loss
+        loss, outputs = unified_loss(model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -61,6 +112,16 @@ class UmbrellaTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+class ReleaseIdleGrads(TrainerCallback):
+    """Before each optimizer step: exactly-zero gradients of modality embeddings become None."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        release_idle_grads(self.model)
 
 
 class EpochSetter(TrainerCallback):
