@@ -16,9 +16,11 @@ from umbrella.demo.cohort import (
     DemoCohort,
     DemoSubject,
     _draw_phenotypes,
+    _Job,
     build_demo_cohort,
     output_affine,
     planted_effects,
+    synthesize_subject,
 )
 from umbrella.errors import ConfigError
 
@@ -99,6 +101,8 @@ def test_same_seed_identical_and_worker_count_irrelevant(cohort, cohort_w1, tmp_
         assert np.array_equal(a, b) and (sa, ia) == (sb, ib)
         assert np.array_equal(a, c) and (sa, ia) == (sc, ic)
     assert cohort.subjects == again.subjects == cohort_w1.subjects
+    for s in cohort.subjects:  # gzip stream is deterministic too: files are byte-identical
+        assert (cohort.root / s.t1_path).read_bytes() == (cohort_w1.root / s.t1_path).read_bytes()
     assert cohort.phenotype_csv.read_bytes() == again.phenotype_csv.read_bytes()
 
 
@@ -120,6 +124,24 @@ def test_planted_sex_effect_on_brain_volume(cohort):
     assert 1300 < female < 2200 and 1300 < male < 2600  # template brain mask is ~1880 mL
     assert min(volumes["male"]) > max(volumes["female"])
     assert male / female == pytest.approx(expected, rel=0.06)
+
+
+def test_planted_age_effects():
+    """Same subject draw at 20 vs 80 years: more central CSF, darker grey matter."""
+    size = (96, 96, 96)
+    young, old = (synthesize_subject(_Job(0, 0, "female", age, size, 2.1, 0.05, ""))
+                  for age in (20.0, 80.0))
+    world = np.moveaxis(np.indices(size) * 2.1, 0, -1) + output_affine(size, 2.1)[:3, 3]
+    x, y, z = np.moveaxis(world, -1, 0)
+    box = (abs(x) < 25) & (y > -45) & (y < 30) & (z > -5) & (z < 40)
+
+    def central_csf(v):
+        return int((box & (v > 120) & (v < 0.45 * np.percentile(v, 99.5))).sum())
+
+    assert 1.15 < central_csf(old) / central_csf(young) < 1.5  # measured 1.26
+    gm = (young > 650) & (young < 800) & ~box  # cortical grey-matter intensities at age 20
+    drop = 1 - old[gm].mean() / young[gm].mean()
+    assert 0.03 < drop < 0.12  # 15 % of the GM-CSF contrast ~ 8 % of GM intensity
 
 
 def test_no_sex_effect_when_scale_zero(tmp_path):

@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import numbers
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -188,18 +189,25 @@ def _draw_nuisance(rng: np.random.Generator, sex: str, sex_scale: float) -> dict
 
 
 def _source_coords(job: _Job, draw: dict, tpl: _Template) -> np.ndarray:
-    """Template voxel coordinates sampled by every output voxel (all geometry in one map)."""
-    out = output_affine(job.image_size, job.voxel_mm)
-    idx = np.indices(job.image_size, dtype=np.float64).reshape(3, -1)
-    world = out[:3, :3] @ idx + out[:3, 3:4]
-    centre = np.asarray(FOV_CENTRE_MM)[:, None]
-    # inverse of y = c + s R (p - c) + t
-    p = centre + draw["rotation"].T @ (world - centre - draw["translation"][:, None]) / draw["scale"]
-    vc = np.asarray(VENTRICLE_CENTRE_MM)[:, None]
+    """Template voxel coordinates, shape (3, *image_size), sampled by every output voxel.
+
+    Composes output grid -> inverse subject transform (``y = c + s R (p - c) + t``) ->
+    ventricle radial warp -> template voxel, evaluated separably along the grid axes.
+    """
+    out, rot, scale = output_affine(job.image_size, job.voxel_mm), draw["rotation"], draw["scale"]
+    centre, vc = np.asarray(FOV_CENTRE_MM), np.asarray(VENTRICLE_CENTRE_MM)
+    lin = rot.T @ out[:3, :3] / scale  # output voxel -> template mm, relative to vc
+    off = rot.T @ (out[:3, 3] - centre - draw["translation"]) / scale + centre - vc
+    grid = np.ix_(*(np.arange(n, dtype=np.float64) for n in job.image_size))
+    d = np.empty((3, *job.image_size))
+    for a in range(3):
+        d[a] = lin[a, 0] * grid[0] + lin[a, 1] * grid[1] + lin[a, 2] * grid[2] + off[a]
     pull = VENTRICLE_GAIN * _age_fraction(job.age)
-    r2 = np.sum((p - vc) ** 2, axis=0)
-    q = vc + (p - vc) * (1 - pull * np.exp(-r2 / (2 * VENTRICLE_SIGMA_MM**2)))
-    return tpl.inv_affine[:3, :3] @ q + tpl.inv_affine[:3, 3:4]
+    if pull > 0:
+        r2 = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
+        d *= 1 - pull * np.exp(r2 * (-0.5 / VENTRICLE_SIGMA_MM**2))
+    inv = tpl.inv_affine
+    return np.tensordot(inv[:3, :3], d, axes=1) + (inv[:3, :3] @ vc + inv[:3, 3])[:, None, None, None]
 
 
 def _age_fraction(age: float) -> float:
@@ -229,7 +237,7 @@ def synthesize_subject(job: _Job) -> np.ndarray:
     source = tpl.t1 - thin * tpl.gm * (tpl.t1 - tpl.csf_level)
     coords = _source_coords(job, draw, tpl)
     vol = map_coordinates(source, coords, order=1, mode="constant", cval=0.0, prefilter=False)
-    vol = vol.reshape(job.image_size) * (WM_LEVEL * draw["gain"])
+    vol *= WM_LEVEL * draw["gain"]
     vol *= _bias_field(job.image_size, draw["bias_coef"], draw["bias_amp"])
     noise = rng.standard_normal(job.image_size) * (NOISE_SD * WM_LEVEL * draw["gain"])
     return np.abs(vol + noise).astype(np.float32)
@@ -280,8 +288,7 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> None:
                     _write_subject(job)
                 bar.update()
             return
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_template,
+        with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_set_template,
                                  initargs=(_template(),)) as pool:
             futures = {pool.submit(_write_subject, job): job for job in jobs}
             try:
@@ -293,6 +300,13 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> None:
                 for fut in futures:
                     fut.cancel()
                 raise
+
+
+def _mp_context():
+    """fork on Linux: workers inherit the loaded template and scripts need no ``__main__`` guard
+    (spawn re-imports the caller's main module and hangs when that fails); spawn elsewhere."""
+    fork_ok = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if fork_ok else "spawn")
 
 
 @contextmanager
