@@ -82,6 +82,12 @@ class ModelConfig:
     text_layers: int | None = None
     text_heads: int | None = None
     vocab_size: int = 512  # target size of the byte-level BPE trained on the records' text
+    train_vision: str = "full"  # vision encoder layers: full | frozen | lora (patch embeddings always train)
+    train_projector: str = "full"  # full | frozen | lora
+    train_llm: str = "full"  # full | frozen | lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
     max_length: int = 1024  # longest tokenised conversation accepted (image tokens included)
 
 
@@ -106,6 +112,13 @@ class TrainingConfig:
     logging_steps: int = 10
     num_workers: int = 0  # DataLoader workers
     threads: int = 0  # torch threads (0: all cores)
+    resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint folder
+    save_total_limit: int = 3  # checkpoints kept (oldest deleted first)
+    deepspeed: str | None = None  # DeepSpeed JSON, e.g. configs/deepspeed/zero2.json
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
+    generation_log_every: int = 1  # answer fixed validation prompts every N evaluations (0: off)
+    generation_log_samples: int = 4
 
 
 @dataclass
@@ -137,6 +150,10 @@ _CHOICES = {
     "spatial": ("crop_pad", "resize"),
     "normalize": ("zscore_brain", "percentile", "none", "zscore_run", "zscore_run_bgmin"),
     "eval_windows": ("first", "all"),
+    "train_vision": ("full", "frozen", "lora"),
+    "train_projector": ("full", "frozen", "lora"),
+    "train_llm": ("full", "frozen", "lora"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
     "dmri_map": ("FA", "MD", "AD", "RD"),
     "mixing": ("proportional", "round_robin", "temperature"),
     "on_bad_sample": ("error", "skip"),

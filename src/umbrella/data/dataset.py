@@ -68,8 +68,9 @@ class InstructionDataset(Dataset):
         if self.memo is not None and key in self.memo:
             return self.memo[key].astype(np.float32)
         vol = preprocess_volume(image.path, self.inputs[image.modality].spec, record_id=rec.id)
-        if self.memo is not None:
+        if self.memo is not None:  # the first use sees the same float16-rounded values as later ones
             self.memo[key] = vol.astype(np.float16)
+            return self.memo[key].astype(np.float32)
         return vol
 
     def _image(self, index: int, rec: Record, j: int) -> torch.Tensor:
@@ -79,6 +80,12 @@ class InstructionDataset(Dataset):
             seed = np.random.SeedSequence([self.seed, self.epoch, index, j]).generate_state(1)[0]
             vol = aug(vol, int(seed))
         return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
+
+    def scoring_sample(self, index: int) -> dict:
+        """What scoring and generation need: images, the turns, and each image's token count."""
+        rec = self.records[index]
+        return {"images": [(im.modality, self._image(index, rec, j)) for j, im in enumerate(rec.images)],
+                "turns": rec.turns, "image_tokens": [self.inputs[im.modality].tokens for im in rec.images]}
 
     def __getitem__(self, index: int) -> dict:
         rec, enc = self.records[index], self.encoded[index]

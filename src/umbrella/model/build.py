@@ -96,6 +96,12 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     saved from this class load into ``LlavaForConditionalGeneration`` too.
     """
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Weights are saved under the module's own parameter names (the transformers 5 layout), not
+        the legacy LLaVA names: the Trainer then restores checkpoints with a plain state-dict load."""
+        return super().save_pretrained(save_directory, *args,
+                                       save_original_format=save_original_format, **kwargs)
+
     def image_features(self, pixel_values: dict[str, torch.Tensor],
                        image_order: list[tuple[str, int]]) -> list[torch.Tensor]:
         """One (N_modality, text_hidden) tensor per image, in ``image_order``."""

@@ -26,7 +26,13 @@ from transformers import TrainingArguments, set_seed
 
 import umbrella
 from umbrella.config import UmbrellaConfig, config_to_dict, save_config
-from umbrella.data.catalog import by_split, load_config_records, modality_inputs, save_preprocessing
+from umbrella.data.catalog import (
+    by_split,
+    geometry,
+    load_config_records,
+    modality_inputs,
+    save_preprocessing,
+)
 from umbrella.data.collate import BrainCollator
 from umbrella.data.dataset import InstructionDataset
 from umbrella.data.prompts import PromptEncoder
@@ -35,9 +41,19 @@ from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava
-from umbrella.data.catalog import geometry
 from umbrella.tasks.registry import TASKS
-from umbrella.training.trainer import EpochSetter, ReleaseIdleGrads, UmbrellaTrainer
+from umbrella.training.callbacks import (
+    MARKER,
+    CheckpointMarker,
+    EpochSetter,
+    GenerationLogger,
+    GracefulStop,
+    PartMetrics,
+    ReleaseIdleGrads,
+    checkpoint_complete,
+    latest_complete_checkpoint,
+)
+from umbrella.training.trainer import UmbrellaTrainer
 
 
 @dataclass
@@ -52,7 +68,8 @@ def run_dir_for(cfg: UmbrellaConfig, task_names: list[str]) -> Path:
     """<output_dir>/<task>__<preset>__<hash of the config>/seed_<n>."""
     tree = config_to_dict(cfg)
     tree["training"] = {k: v for k, v in tree["training"].items()
-                        if k not in ("output_dir", "run_name", "seed", "num_workers", "threads")}
+                        if k not in ("output_dir", "run_name", "seed", "num_workers", "threads",
+                                     "resume")}
     digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
     task = "+".join(sorted(set(task_names))) or "chat"
     name = cfg.training.run_name or f"{task}__{cfg.model.preset}__{digest}"
@@ -87,6 +104,15 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder):
     return inputs, train, val
 
 
+def _precision(choice: str) -> dict:
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        choice = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if choice in ("bf16", "fp16") and not cuda:
+        raise ConfigError(f"training.precision={choice} needs a CUDA device; use fp32 or auto on CPU")
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
 def _arguments(cfg: UmbrellaConfig, run_dir: Path, has_val: bool, progress: bool):
     t = cfg.training
     evaluate = has_val and t.eval_steps > 0
@@ -98,14 +124,50 @@ def _arguments(cfg: UmbrellaConfig, run_dir: Path, has_val: bool, progress: bool
         lr_scheduler_type=t.lr_scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
         eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_steps if evaluate else None,
         save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_steps=t.save_steps if t.save_steps > 0 else 500, save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps, report_to=[] if cfg.tracking.report_to == "none"
-        else [cfg.tracking.report_to], dataloader_num_workers=t.num_workers, seed=t.seed,
-        remove_unused_columns=False, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        save_only_model=False, ddp_find_unused_parameters=False)
+        else [cfg.tracking.report_to], run_name=run_dir.parent.name,
+        dataloader_num_workers=t.num_workers, seed=t.seed, remove_unused_columns=False,
+        disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        ddp_find_unused_parameters=False, deepspeed=t.deepspeed,
+        activation_checkpointing=t.gradient_checkpointing, **_precision(t.precision))
 
 
-def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
+def resume_checkpoint(cfg: UmbrellaConfig, run_dir: Path) -> str | None:
+    """training.resume: none | auto (newest complete checkpoint, if any) | a checkpoint folder."""
+    choice = cfg.training.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = latest_complete_checkpoint(run_dir / "checkpoints")
+        return str(found) if found else None
+    if not checkpoint_complete(Path(choice)):
+        raise ConfigError(f"training.resume={choice!r} is not a complete checkpoint folder "
+                          f"(no valid {MARKER}); use training.resume=auto to pick the newest one")
+    return choice
+
+
+def _tracking_env(cfg: UmbrellaConfig, run_dir: Path) -> None:
+    """Trackers write under the run folder; keys only ever come from the environment."""
+    os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", cfg.tracking.project)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").as_uri())
+
+
+def _callbacks(cfg, model, encoder, train_set, val_set, run_dir):
+    parts = PartMetrics(model)
+    callbacks = [EpochSetter(train_set), ReleaseIdleGrads(model), CheckpointMarker(),
+                 GracefulStop(), parts]
+    if val_set is not None and cfg.training.generation_log_every > 0:
+        callbacks.append(GenerationLogger(model, encoder, val_set, run_dir / "generations.jsonl",
+                                          every=cfg.training.generation_log_every,
+                                          samples=cfg.training.generation_log_samples,
+                                          max_new_tokens=cfg.evaluation.max_new_tokens))
+    return callbacks, parts
+
+
+def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> TrainResult:
     """Train BrainLlava on the configured records; returns where the run and the model are."""
     start = time.time()
     if cfg.training.threads > 0:
@@ -120,22 +182,26 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True) -> TrainResult:
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "env.json", environment())
     atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
+    _tracking_env(cfg, run_dir)
 
     tokenizer = train_tokenizer(_tokenizer_corpus(splits["train"]), cfg.model.vocab_size)
     encoder = PromptEncoder(tokenizer)
     inputs, train_set, val_set = _datasets(cfg, splits, encoder)
     model = build_brain_llava(cfg.model, {m: geometry(s) for m, s in cfg.dataset.enabled().items()},
                               tokenizer, seed=cfg.training.seed)
-    trainer = UmbrellaTrainer(model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
-                              train_dataset=train_set, eval_dataset=val_set,
-                              data_collator=BrainCollator(tokenizer.pad_token_id,
-                                                          pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None),
-                              callbacks=[EpochSetter(train_set), ReleaseIdleGrads(model)], mixing=cfg.dataset.mixing,
-                              temperature=cfg.dataset.temperature)
-    result = trainer.train()
-    model_dir = save_model(trainer.model, tokenizer, inputs, run_dir / "model")
-    atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-    return TrainResult(run_dir, model_dir, float(result.training_loss), time.time() - start)
+    callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir)
+    trainer = UmbrellaTrainer(
+        model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
+        train_dataset=train_set, eval_dataset=val_set,
+        data_collator=BrainCollator(tokenizer.pad_token_id,
+                                    pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None),
+        callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
+        temperature=cfg.dataset.temperature, part_metrics=parts)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+    return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start)
 
 
 def save_model(model, tokenizer, inputs, folder: Path) -> Path:

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
 from umbrella.data.sampling import ModalityBatchSampler, group_key
@@ -76,9 +76,12 @@ class UmbrellaTrainer(Trainer):
     interleaved by ``mixing``), already split across ranks.
     """
 
-    def __init__(self, *args, mixing: str = "proportional", temperature: float = 2.0, **kwargs):
+    def __init__(self, *args, mixing: str = "proportional", temperature: float = 2.0,
+                 part_metrics=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixing, self.temperature = mixing, temperature
+        self.part_metrics = part_metrics  # a callbacks.PartMetrics, or None
+        self._group_loss: dict[str, list[float]] = {}
 
     def batch_sampler(self) -> ModalityBatchSampler:
         data = self.train_dataset
@@ -104,7 +107,22 @@ class UmbrellaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = unified_loss(model, inputs, num_items_in_batch)
+        if model.training:
+            key = group_key(inputs.get("pixel_values", {})) or "text"
+            self._group_loss.setdefault(key, [0.0, 0])
+            self._group_loss[key][0] += float(outputs.loss.detach())
+            self._group_loss[key][1] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds per-modality training loss and per-part gradient norms to the training logs."""
+        if "loss" in logs:
+            for key, (total, count) in self._group_loss.items():
+                logs[f"loss/{key}"] = round(total / count, 6)
+            self._group_loss = {}
+            if self.part_metrics is not None:
+                logs.update({k: round(v, 6) for k, v in self.part_metrics.latest.items()})
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Validation loss only: predictions are made by `umbrella evaluate`."""
@@ -112,23 +130,3 @@ class UmbrellaTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-
-class ReleaseIdleGrads(TrainerCallback):
-    """Before each optimizer step: exactly-zero gradients of modality embeddings become None."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        release_idle_grads(self.model)
-
-
-class EpochSetter(TrainerCallback):
-    """Tells the dataset the epoch, so augmentation draws differ between epochs."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
