@@ -69,6 +69,21 @@ def release_idle_grads(model) -> int:
     return released
 
 
+def _gather_sums(sums: dict[str, list]) -> dict[str, list]:
+    """Per-group [loss sum, count] summed over ranks (log() runs on every rank at the same step)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sums
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, sums)
+    total: dict[str, list] = {}
+    for part in gathered:
+        for key, (value, count) in part.items():
+            total.setdefault(key, [0.0, 0])
+            total[key][0] += value
+            total[key][1] += count
+    return total
+
+
 class UmbrellaTrainer(Trainer):
     """Unified NLL over the answer tokens of every sample in the batch, whatever its modalities.
 
@@ -98,11 +113,8 @@ class UmbrellaTrainer(Trainer):
             self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
             num_workers=workers, pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
             worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index))
-        loader = self.accelerator.prepare(loader)
-        # the sampler is rank-aware already: make accelerate's batch-sampler shard a passthrough
-        shard = getattr(loader, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-            shard.num_processes, shard.process_index = 1, 0
+        # Not passed through accelerator.prepare: the sampler already gives each rank its share,
+        # and the Trainer moves each batch to the device itself (_prepare_inputs).
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -117,7 +129,7 @@ class UmbrellaTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds per-modality training loss and per-part gradient norms to the training logs."""
         if "loss" in logs:
-            for key, (total, count) in self._group_loss.items():
+            for key, (total, count) in _gather_sums(self._group_loss).items():
                 logs[f"loss/{key}"] = round(total / count, 6)
             self._group_loss = {}
             if self.part_metrics is not None:
