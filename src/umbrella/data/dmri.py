@@ -73,8 +73,8 @@ def find_gradients(dwi_path: str | Path, bval: str | Path | None = None,
             raise VolumeError(
                 f"no {kind} file for this diffusion series: {looked} does not exist",
                 path=dwi_path,
-                fix=f"put {stem}.bval and {stem}.bvec next to the image, or give the "
-                    f"{kind} path explicitly (record field / {kind}= argument)")
+                fix=f"put {stem}.bval and {stem}.bvec next to the image, or pass the "
+                    f"{kind} path explicitly ({kind}= argument)")
         found[kind] = hit
     return found["bval"], found["bvec"]
 

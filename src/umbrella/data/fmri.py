@@ -233,24 +233,31 @@ def _load_pt(path: Path, fail) -> Any:
 
 def _read_frame_folder(folder: Path, record_id: str | None) -> np.ndarray:
     """frame_<i>.pt (X, Y, Z) tensors -> (X, Y, Z, T) float32."""
-    import torch
-
     fail = _failer(folder, record_id)
-    frames, shape = [], None
-    for file in _frame_files(folder, fail):
-        t = _load_pt(file, fail)
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or 0 in t.shape:
-            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise fail(f"{file.name} is not a non-empty 3D tensor (X, Y, Z): got {got}",
-                       "each frame file must hold one 3D tensor")
-        if shape is not None and tuple(t.shape) != shape:
-            raise fail(f"{file.name} has shape {tuple(t.shape)}, frame_0.pt has {shape}",
+    files = _frame_files(folder, fail)
+    data = None
+    for i, file in enumerate(files):
+        frame = _frame_array(file, fail)
+        if data is None:
+            data = np.empty((*frame.shape, len(files)), dtype=np.float32)
+        elif frame.shape != data.shape[:3]:
+            raise fail(f"{file.name} has shape {frame.shape}, frame_0.pt has {data.shape[:3]}",
                        "all frames of a run must share one grid; re-export the run")
-        shape = tuple(t.shape)
-        frames.append(t.detach().to(torch.float32).numpy())
-    data = np.stack(frames, axis=-1)
+        data[..., i] = frame
     _check_values(data, fail)
     return data
+
+
+def _frame_array(file: Path, fail) -> np.ndarray:
+    """One frame file -> (X, Y, Z) float32 numpy array."""
+    import torch
+
+    t = _load_pt(file, fail)
+    if not isinstance(t, torch.Tensor) or t.ndim != 3 or 0 in t.shape:
+        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise fail(f"{file.name} is not a non-empty 3D tensor (X, Y, Z): got {got}",
+                   "each frame file must hold one 3D tensor")
+    return t.detach().to(torch.float32).numpy()
 
 
 def read_frame_stats(folder: str | Path, *, record_id: str | None = None) -> dict | None:

@@ -200,8 +200,7 @@ def get_study(name: str, overrides: dict | None = None, *, require=()) -> StudyI
     if base is None:
         missing = [f for f in _NEEDED_FOR_NEW if f not in values]
         if missing:
-            problems += [f"unknown study {canonical!r} (registered: {', '.join(REGISTRY)}); an "
-                         f"unregistered study needs studies.{canonical}.{f}" for f in missing]
+            problems += _unknown_study_problems(canonical, missing)
     if problems:
         raise ConfigError(problems, source=f"studies.{canonical}")
     if base is None:
@@ -211,6 +210,14 @@ def get_study(name: str, overrides: dict | None = None, *, require=()) -> StudyI
         study = dataclasses.replace(base, **values)
     _require(study, require)
     return study
+
+
+def _unknown_study_problems(name: str, missing: list[str]) -> list[str]:
+    near = difflib.get_close_matches(name.upper(), list(REGISTRY), n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    head = (f"unknown study {name!r}{hint}; registered: {', '.join(REGISTRY)}. An unregistered "
+            "study must give every needed field in the config:")
+    return [head] + [f"missing studies.{name}.{f}" for f in missing]
 
 
 def _apply_overrides(name: str, overrides: dict) -> tuple[dict, list[str]]:
@@ -289,11 +296,13 @@ def decode_sex(study: StudyInfo, raw: Any) -> str | None:
     """Raw phenotype value -> "male" / "female"; None for a missing value or one of
     ``study.sex_other`` (e.g. ABCD "NR"). Codes compare as strings (1, 1.0, "1" are the same)
     and case-insensitively. An unknown code is a ValueError naming the study, the value, the known
-    codes and the config key to fix; a study without a sex column is a ConfigError.
+    codes and the config key to fix; a study with an empty ``sex_coding`` is a ConfigError.
+    Which column holds the value is the caller's business (``study.sex_column`` by default).
     """
-    if study.sex_column is None:
-        raise ConfigError(f"studies.{study.name}.sex_column is not set: give {_WHY['sex_column']}"
-                          f" and studies.{study.name}.sex_coding", source=f"studies.{study.name}")
+    if not study.sex_coding:
+        raise ConfigError(f"studies.{study.name}.sex_coding is empty: map the raw sex values to "
+                          "'male' / 'female', e.g. {M: male, F: female}",
+                          source=f"studies.{study.name}")
     if _is_missing(raw):
         return None
     key = _raw_key(raw)
@@ -310,23 +319,23 @@ def decode_sex(study: StudyInfo, raw: Any) -> str | None:
 
 def age_in_years(study: StudyInfo, raw: Any) -> float | None:
     """Raw age value -> years (float); None for a missing value. Months are divided by 12
-    (ABCD 120 -> 10.0). A non-numeric, negative or age-band value ("22-25") is a ValueError;
-    a study without an age column is a ConfigError naming ``studies.<NAME>.age_column``.
+    (ABCD 120 -> 10.0). A non-numeric, negative or age-band value ("22-25") is a ValueError.
+    Which column holds the value is the caller's business: a study whose ``age_column`` is None
+    (HCP's open table) needs the column from the config (``get_study(..., require=["age_column"])``
+    says so) but converts values like any other.
     """
-    if study.age_column is None:
-        raise ConfigError(f"studies.{study.name}.age_column is not set: give {_WHY['age_column']}"
-                          f". {study.notes}", source=f"studies.{study.name}")
     if _is_missing(raw):
         return None
+    where = f" in column {study.age_column!r}" if study.age_column else ""
     try:
         value = float(raw.item() if hasattr(raw, "item") and not isinstance(raw, str) else raw)
     except (TypeError, ValueError):
         band = isinstance(raw, str) and _BAND.match(raw) is not None
         what = "an age band, not an age" if band else "not a number"
-        raise ValueError(f"study {study.name}: age value {raw!r} in column {study.age_column!r} "
+        raise ValueError(f"study {study.name}: age value {raw!r}{where} "
                          f"is {what} (fix: point studies.{study.name}.age_column at a numeric "
                          f"age column)") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"study {study.name}: age value {raw!r} in column {study.age_column!r} "
+        raise ValueError(f"study {study.name}: age value {raw!r}{where} "
                          f"is not a valid age")
     return value / _MONTHS_PER_YEAR if study.age_unit == "months" else value
