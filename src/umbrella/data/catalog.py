@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from umbrella.config import ModalityConfig, UmbrellaConfig
-from umbrella.data.dataset import ModalityInput
+from umbrella.data.fmri import FmriSpec
+from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record, load_records
 from umbrella.data.volumes import VolumeSpec
 from umbrella.errors import ConfigError, RecordError
@@ -26,20 +27,60 @@ def data_roots(cfg: UmbrellaConfig) -> dict[str, Path]:
 
 
 def volume_spec(section: ModalityConfig) -> VolumeSpec:
-    return VolumeSpec(image_size=tuple(section.image_size),
+    return VolumeSpec(image_size=tuple(section.image_size[:3]),
                       voxel_size=tuple(section.voxel_size) if section.voxel_size else None,
                       spatial=section.spatial, normalize=section.normalize)
 
 
-def geometry(section: ModalityConfig) -> dict:
-    """The tower's view of a modality: channels, image size and patch size."""
-    return {"in_channels": 1, "image_size": list(section.image_size),
-            "patch_size": list(section.patch_size)}
+def fmri_spec(section: ModalityConfig) -> FmriSpec:
+    normalize = "zscore_run" if section.normalize == "zscore_brain" else section.normalize
+    return FmriSpec(image_size=tuple(section.image_size[:3]),
+                    sequence_length=section.sequence_length,
+                    stride_within_seq=section.stride_within_seq,
+                    stride_between_seq=section.stride_between_seq, normalize=normalize,
+                    voxel_size=tuple(section.voxel_size) if section.voxel_size else None)
+
+
+def geometry(section: ModalityConfig, modality: str = "T1") -> dict:
+    """The tower's view of a modality: channels, image size and patch size.
+
+    rsfMRI adds time: image (D, H, W, sequence_length), patches (pd, ph, pw, pt) where pt is the
+    4th patch entry, or the whole window when patch_size has 3 entries.
+    """
+    size, patch = list(section.image_size[:3]), list(section.patch_size)
+    if modality == "rsfMRI":
+        time_patch = patch[3] if len(patch) == 4 else section.sequence_length
+        if len(section.image_size) == 4 and section.image_size[3] != section.sequence_length:
+            raise ConfigError(f"dataset.rsfMRI.image_size[3]={section.image_size[3]} differs from "
+                              f"sequence_length={section.sequence_length}; give 3 spatial sizes")
+        return {"in_channels": 1, "image_size": size + [section.sequence_length],
+                "patch_size": patch[:3] + [time_patch]}
+    if len(section.image_size) != 3 or len(patch) != 3:
+        raise ConfigError(f"dataset.{modality}: image_size and patch_size need 3 entries (D, H, W)")
+    return {"in_channels": 1, "image_size": size, "patch_size": patch}
+
+
+def modality_input(modality: str, section: ModalityConfig) -> ModalityInput:
+    spec = fmri_spec(section) if modality == "rsfMRI" else volume_spec(section)
+    try:
+        tokens = num_patches(_checked(modality, geometry(section, modality)))
+    except ValueError as exc:
+        raise ConfigError(f"dataset.{modality}: {exc}") from exc
+    return ModalityInput(modality, spec, tokens, section.dmri_map)
+
+
+def _checked(modality: str, geom: dict) -> dict:
+    from umbrella.model.configuration_brain_vit import _check_modality
+
+    return _check_modality(modality, geom)
 
 
 def modality_inputs(cfg: UmbrellaConfig) -> dict[str, ModalityInput]:
-    return {m: ModalityInput(volume_spec(s), num_patches(geometry(s)))
-            for m, s in cfg.dataset.enabled().items()}
+    return {m: modality_input(m, s) for m, s in cfg.dataset.enabled().items()}
+
+
+def model_geometry(cfg: UmbrellaConfig) -> dict[str, dict]:
+    return {m: geometry(s, m) for m, s in cfg.dataset.enabled().items()}
 
 
 def load_config_records(cfg: UmbrellaConfig) -> list[Record]:
@@ -79,7 +120,7 @@ def by_split(records: list[Record]) -> dict[str, list[Record]]:
 def save_preprocessing(inputs: dict[str, ModalityInput], folder: Path) -> dict:
     from umbrella.io import atomic_write_json
 
-    info = {m: {"spec": i.spec.to_dict(), "tokens": i.tokens} for m, i in inputs.items()}
+    info = {m: i.to_dict() for m, i in inputs.items()}
     atomic_write_json(Path(folder) / PREPROCESSING_FILE, info)
     return info
 
@@ -89,5 +130,4 @@ def load_preprocessing(folder: Path) -> dict[str, ModalityInput]:
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the model folder was not written by umbrella train")
     info = json.loads(path.read_text())
-    return {m: ModalityInput(VolumeSpec.from_dict(v["spec"]), int(v["tokens"]))
-            for m, v in info.items()}
+    return {m: ModalityInput.from_dict({"modality": m, **v}) for m, v in info.items()}

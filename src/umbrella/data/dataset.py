@@ -2,45 +2,52 @@
 
 One sample::
 
-    {"images": [(modality, tensor (C, D, H, W)), ...]   # in order of appearance in the text
-     "input_ids": (L,) long, "attention_mask": (L,) long, "labels": (L,) long,
+    {"images": [(modality, tensor), ...]   # in order of appearance in the text
+                                           # T1/dMRI (1, D, H, W); rsfMRI window (1, D, H, W, L)
+     "input_ids": (L_text,) long, "attention_mask": (L_text,) long, "labels": (L_text,) long,
      "id", "subject_id", "study", "task", "metadata"}
 
 Each ``<image>`` is expanded to its modality's token count before the sample leaves the dataset.
-Augmentation draws are a pure function of (seed, epoch, sample index, image index), so results do
+
+Images come from the preprocessing cache when one is given (memory-mapped float16; an rsfMRI
+window is a slice of the mapped run), else from an in-memory float16 memo (``memoize``), else
+they are decoded each time. rsfMRI windows: ``windows="random"`` (training: a window drawn per
+access), ``"first"``, or ``"all"`` (evaluation: one item per window, records repeated).
+Random draws (windows, augmentation) are a pure function of (seed, epoch, item, image), so they do
 not depend on the number of DataLoader workers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from umbrella.data.cache import PreprocessCache
+from umbrella.data.fmri import take_window
+from umbrella.data.inputs import ModalityInput, count_frames
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Record
-from umbrella.data.volumes import VolumeAugment, VolumeSpec, preprocess_volume
+from umbrella.data.sampling import group_key
+from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import RecordError
 
-
-@dataclass(frozen=True)
-class ModalityInput:
-    """How one modality's images are read and how many visual tokens each becomes."""
-
-    spec: VolumeSpec
-    tokens: int
+WINDOW_MODES = ("random", "first", "all")
 
 
 class InstructionDataset(Dataset):
     def __init__(self, records: list[Record], encoder: PromptEncoder,
                  inputs: dict[str, ModalityInput], *, augment: dict[str, VolumeAugment] | None = None,
-                 seed: int = 0, max_length: int | None = None, memoize: bool = False):
-        self.records, self.encoder, self.inputs = list(records), encoder, inputs
+                 seed: int = 0, max_length: int | None = None, memoize: bool = False,
+                 cache: PreprocessCache | None = None, windows: str = "random"):
+        if windows not in WINDOW_MODES:
+            raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
+        self.encoder, self.inputs, self.cache, self.windows = encoder, inputs, cache, windows
         self.augment, self.seed, self.epoch = augment or {}, seed, 0
         self.memo: dict[str, np.ndarray] | None = {} if memoize else None
-        self.encoded = [self._encode(r, max_length) for r in self.records]
+        encoded = {r.id: self._encode(r, max_length) for r in records}
+        self.records, self.starts = self._items(list(records))
+        self.encoded = [encoded[r.id] for r in self.records]
 
     def _encode(self, rec: Record, max_length: int | None):
         missing = [im.modality for im in rec.images if im.modality not in self.inputs]
@@ -55,31 +62,75 @@ class InstructionDataset(Dataset):
                               fix="shorten the conversation or raise model.max_length")
         return enc
 
+    def _items(self, records: list[Record]):
+        """(records per item, fixed window start per item or None); "all" repeats per window."""
+        if self.windows != "all":
+            return records, [None] * len(records)
+        items, starts = [], []
+        for rec in records:
+            fmri = [im for im in rec.images if self.inputs[im.modality].is_fmri]
+            if not fmri:
+                items.append(rec)
+                starts.append(None)
+                continue
+            spec_input = self.inputs[fmri[0].modality]
+            n = min(len(spec_input.window_starts(count_frames(im.path, rec.id))) for im in fmri)
+            for start in spec_input.window_starts(count_frames(fmri[0].path, rec.id))[:n]:
+                items.append(rec)
+                starts.append(start)
+        return items, starts
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_volume(self, rec: Record, image_index: int) -> np.ndarray:
-        """(D, H, W) float32, preprocessed; memoized as float16 when ``memoize`` is on."""
+    def item_groups(self) -> list[str]:
+        """The modality group of every item, for the batch sampler."""
+        return [group_key(r.modalities) for r in self.records]
+
+    def load_array(self, rec: Record, image_index: int) -> np.ndarray:
+        """The whole preprocessed image (float32, or a float16 memmap from the cache)."""
         image = rec.images[image_index]
+        modality = self.inputs[image.modality]
+        if self.cache is not None:
+            from functools import partial
+
+            return self.cache.get_or_build(image.path, image.modality, modality.cache_params(),
+                                           partial(modality.preprocess, image, rec.id),
+                                           modality.extra_sources(image))
         key = str(image.path)
         if self.memo is not None and key in self.memo:
-            return self.memo[key].astype(np.float32)
-        vol = preprocess_volume(image.path, self.inputs[image.modality].spec, record_id=rec.id)
-        if self.memo is not None:  # the first use sees the same float16-rounded values as later ones
-            self.memo[key] = vol.astype(np.float16)
-            return self.memo[key].astype(np.float32)
-        return vol
+            return self.memo[key]
+        array = modality.preprocess(image, rec.id)
+        if self.memo is not None:  # first and later uses see the same float16-rounded values
+            self.memo[key] = array.astype(np.float16)
+            return self.memo[key]
+        return array
+
+    def _draw(self, index: int, j: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index, j]))
+
+    def _window_start(self, index: int, j: int, run: np.ndarray, modality: ModalityInput) -> int:
+        if self.starts[index] is not None:
+            return self.starts[index]
+        starts = modality.window_starts(run.shape[0])
+        if self.windows == "first" or len(starts) == 1:
+            return starts[0]
+        return starts[int(self._draw(index, j).integers(len(starts)))]
 
     def _image(self, index: int, rec: Record, j: int) -> torch.Tensor:
-        vol = self.load_volume(rec, j)
-        aug = self.augment.get(rec.images[j].modality)
-        if aug is not None:
-            seed = np.random.SeedSequence([self.seed, self.epoch, index, j]).generate_state(1)[0]
-            vol = aug(vol, int(seed))
-        return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
+        modality = self.inputs[rec.images[j].modality]
+        array = self.load_array(rec, j)
+        if modality.is_fmri:
+            array = take_window(array, self._window_start(index, j, array, modality), modality.spec)
+        else:
+            aug = self.augment.get(modality.modality)
+            if aug is not None:
+                seed = self._draw(index, j).integers(2**31)
+                array = aug(np.asarray(array, dtype=np.float32), int(seed))
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
     def scoring_sample(self, index: int) -> dict:
         """What scoring and generation need: images, the turns, and each image's token count."""
@@ -91,7 +142,9 @@ class InstructionDataset(Dataset):
         rec, enc = self.records[index], self.encoded[index]
         images = [(im.modality, self._image(index, rec, j)) for j, im in enumerate(rec.images)]
         ids = torch.tensor(enc.input_ids, dtype=torch.long)
+        meta = dict(rec.metadata)
+        if self.starts[index] is not None:
+            meta["window_start"] = self.starts[index]
         return {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "labels": torch.tensor(enc.labels, dtype=torch.long), "id": rec.id,
-                "subject_id": rec.subject_id, "study": rec.study, "task": rec.task,
-                "metadata": rec.metadata}
+                "subject_id": rec.subject_id, "study": rec.study, "task": rec.task, "metadata": meta}

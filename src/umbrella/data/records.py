@@ -40,6 +40,8 @@ _META_KEYS = ("subject_id", "study", "task", "split")
 class ImageRef:
     modality: str
     path: Path  # resolved against the data root
+    bval: Path | None = None  # dMRI series only: gradient files (else found beside the image)
+    bvec: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,14 @@ def _resolve_image(raw: Any, ctx: _Ctx, data_roots: dict[str, Path]) -> ImageRef
     modality = raw["modality"]
     if modality not in MODALITIES:
         raise ctx.error(f"unknown modality {modality!r}", fix=f"use one of {', '.join(MODALITIES)}")
-    path = Path(str(raw["path"]))
-    if not path.is_absolute() and modality in data_roots:
-        path = data_roots[modality] / path
-    return ImageRef(modality, path)
+    def resolve(value) -> Path:
+        path = Path(str(value))
+        if not path.is_absolute() and modality in data_roots:
+            path = data_roots[modality] / path
+        return path
+
+    grads = [resolve(raw[k]) if raw.get(k) else None for k in ("bval", "bvec")]
+    return ImageRef(modality, resolve(raw["path"]), *grads)
 
 
 def _turns_llava(obj: dict, ctx: _Ctx) -> list[Turn]:
@@ -240,7 +246,9 @@ def record_to_llava(rec: Record, data_roots: dict[str, Path] | None = None) -> d
         path = im.path
         if root is not None and Path(path).is_relative_to(root):
             path = Path(path).relative_to(root)
-        images.append({"modality": im.modality, "path": str(path)})
+        entry = {"modality": im.modality, "path": str(path)}
+        entry.update({k: str(v) for k, v in (("bval", im.bval), ("bvec", im.bvec)) if v})
+        images.append(entry)
     out = {"id": rec.id, "subject_id": rec.subject_id, "study": rec.study, "task": rec.task,
            "split": rec.split, "images": images,
            "conversations": [{"from": speaker[t.role], "value": t.text} for t in rec.turns]}

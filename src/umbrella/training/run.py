@@ -26,11 +26,12 @@ from transformers import TrainingArguments, set_seed
 
 import umbrella
 from umbrella.config import UmbrellaConfig, config_to_dict, save_config
+from umbrella.data.cache import PreprocessCache
 from umbrella.data.catalog import (
     by_split,
-    geometry,
     load_config_records,
     modality_inputs,
+    model_geometry,
     save_preprocessing,
 )
 from umbrella.data.collate import BrainCollator
@@ -97,10 +98,12 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder):
     inputs = modality_inputs(cfg)
     augment = {m: VolumeAugment(flip_axes=(0,)) for m, s in cfg.dataset.enabled().items()
                if s.augment}
+    cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
     common = dict(encoder=encoder, inputs=inputs, seed=cfg.training.seed,
-                  max_length=cfg.model.max_length, memoize=cfg.dataset.memoize)
-    train = InstructionDataset(splits["train"], augment=augment, **common)
-    val = InstructionDataset(splits["val"], **common) if splits.get("val") else None
+                  max_length=cfg.model.max_length, memoize=cfg.dataset.memoize, cache=cache)
+    train = InstructionDataset(splits["train"], augment=augment, windows="random", **common)
+    val = (InstructionDataset(splits["val"], windows="first", **common)
+           if splits.get("val") else None)
     return inputs, train, val
 
 
@@ -187,8 +190,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     tokenizer = train_tokenizer(_tokenizer_corpus(splits["train"]), cfg.model.vocab_size)
     encoder = PromptEncoder(tokenizer)
     inputs, train_set, val_set = _datasets(cfg, splits, encoder)
-    model = build_brain_llava(cfg.model, {m: geometry(s) for m, s in cfg.dataset.enabled().items()},
-                              tokenizer, seed=cfg.training.seed)
+    model = build_brain_llava(cfg.model, model_geometry(cfg), tokenizer, seed=cfg.training.seed)
     callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir)
     trainer = UmbrellaTrainer(
         model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),

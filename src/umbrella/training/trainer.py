@@ -101,7 +101,7 @@ class UmbrellaTrainer(Trainer):
     def batch_sampler(self) -> ModalityBatchSampler:
         data = self.train_dataset
         return ModalityBatchSampler(
-            [group_key(r.modalities) for r in data.records], self.args.per_device_train_batch_size,
+            data.item_groups(), self.args.per_device_train_batch_size,
             mixing=self.mixing, temperature=self.temperature, seed=self.args.seed,
             rank=self.args.process_index, world_size=self.args.world_size,
             drop_last=self.args.dataloader_drop_last)
