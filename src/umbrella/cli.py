@@ -15,8 +15,7 @@ from pathlib import Path
 
 from umbrella.errors import NotImplementedYet, UmbrellaError
 
-_LATER = {"prepare": "phenotype table -> records", "validate": "check records and files",
-          "cache": "preprocessing cache"}
+_LATER = {"prepare": "phenotype table -> records", "validate": "check records and files"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{text} (not implemented yet)")
         s.add_argument("rest", nargs=argparse.REMAINDER)
 
+    c = sub.add_parser("cache", help="preprocess every referenced image once into the cache")
+    c.add_argument("-c", "--config", required=True, help="YAML config naming dataset.cache_dir")
+    c.add_argument("--workers", type=int, default=2, help="parallel processes (default: 2)")
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint (= training.resume=auto)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.max_steps=20")
 
@@ -71,9 +78,29 @@ def _cmd_train(args) -> int:
     from umbrella.config import load_config
     from umbrella.training.run import train
 
-    result = train(load_config(args.config, args.overrides), progress=not args.quiet)
+    overrides = list(args.overrides) + (["training.resume=auto"] if args.resume else [])
+    result = train(load_config(args.config, overrides), progress=not args.quiet)
     print(f"trained in {result.seconds:.0f} s; run folder: {result.run_dir}\nmodel: {result.model_dir}")
     return 0
+
+
+def _cmd_cache(args) -> int:
+    from umbrella.config import load_config
+    from umbrella.data.cache import PreprocessCache, build_cache, cache_size_bytes
+    from umbrella.data.catalog import cache_jobs
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.dataset.cache_dir:
+        raise UmbrellaError("dataset.cache_dir is not set; add it to the config or pass "
+                            "dataset.cache_dir=PATH")
+    report = build_cache(PreprocessCache(cfg.dataset.cache_dir), cache_jobs(cfg),
+                         workers=args.workers, progress=not args.quiet)
+    size = cache_size_bytes(cfg.dataset.cache_dir) / 2**20
+    print(f"cache {cfg.dataset.cache_dir}: {report.built} built, {report.reused} reused, "
+          f"{len(report.failed)} failed in {report.seconds:.1f} s ({size:.0f} MiB)")
+    for path, message in report.failed:
+        print(f"  failed: {path}: {message}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -116,7 +143,8 @@ def _cmd_ask(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "train": _cmd_train, "evaluate": _cmd_evaluate, "ask": _cmd_ask}
+    handlers = {"demo": _cmd_demo, "cache": _cmd_cache, "train": _cmd_train,
+                "evaluate": _cmd_evaluate, "ask": _cmd_ask}
     try:
         if args.command in _LATER:
             raise NotImplementedYet(f"`umbrella {args.command}` ({_LATER[args.command]}) is not "

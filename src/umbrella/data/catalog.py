@@ -131,3 +131,22 @@ def load_preprocessing(folder: Path) -> dict[str, ModalityInput]:
         raise ConfigError(f"{path} is missing: the model folder was not written by umbrella train")
     info = json.loads(path.read_text())
     return {m: ModalityInput.from_dict({"modality": m, **v}) for m, v in info.items()}
+
+
+def cache_jobs(cfg: UmbrellaConfig, records: list[Record] | None = None) -> list:
+    """One preprocessing job per distinct image referenced by the config's records."""
+    from functools import partial
+
+    from umbrella.data.cache import CacheJob
+
+    inputs = modality_inputs(cfg)
+    jobs, seen = [], set()
+    for rec in records if records is not None else load_config_records(cfg):
+        for image in rec.images:
+            if image.modality not in inputs or (image.modality, image.path) in seen:
+                continue
+            seen.add((image.modality, image.path))
+            mod = inputs[image.modality]
+            jobs.append(CacheJob(image.path, image.modality, mod.cache_params(),
+                                 partial(mod.preprocess, image, rec.id), mod.extra_sources(image)))
+    return jobs
