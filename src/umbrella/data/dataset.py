@@ -30,16 +30,48 @@ from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Record
 from umbrella.data.sampling import group_key
 from umbrella.data.volumes import VolumeAugment
-from umbrella.errors import RecordError
+from umbrella.errors import RecordError, UmbrellaError
 
 WINDOW_MODES = ("random", "first", "all")
+
+
+class BadSamplePolicy:
+    """``on_bad_sample=skip``: a sample that fails to load is replaced by the next item of the
+    same modality group (deterministic), and the failure (item, record id, reason) is appended to
+    ``log_path`` (one JSON line each, per process). Loading stops with an error once more than
+    ``max_fraction`` of the items have failed in this process, and never loops: each replacement
+    search visits every item of the group at most once.
+    """
+
+    def __init__(self, mode: str = "error", max_fraction: float = 0.01, log_path=None):
+        if mode not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {mode!r}")
+        self.mode, self.max_fraction, self.log_path = mode, max_fraction, log_path
+        self.failed: dict[int, str] = {}
+
+    def record(self, index: int, record_id: str, reason: str, total: int) -> None:
+        import json
+        import os
+
+        if index not in self.failed:
+            self.failed[index] = reason
+            if self.log_path is not None:
+                with open(self.log_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"item": index, "id": record_id, "reason": reason,
+                                         "pid": os.getpid()}) + "\n")
+        if len(self.failed) > self.max_fraction * total:
+            raise UmbrellaError(
+                f"{len(self.failed)} of {total} samples failed to load (over "
+                f"dataset.max_bad_fraction={self.max_fraction}); last: record {record_id!r}: {reason}"
+                + (f"; all failures are listed in {self.log_path}" if self.log_path else ""))
 
 
 class InstructionDataset(Dataset):
     def __init__(self, records: list[Record], encoder: PromptEncoder,
                  inputs: dict[str, ModalityInput], *, augment: dict[str, VolumeAugment] | None = None,
                  seed: int = 0, max_length: int | None = None, memoize: bool = False,
-                 cache: PreprocessCache | None = None, windows: str = "random"):
+                 cache: PreprocessCache | None = None, windows: str = "random",
+                 bad_samples: BadSamplePolicy | None = None):
         if windows not in WINDOW_MODES:
             raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
         self.encoder, self.inputs, self.cache, self.windows = encoder, inputs, cache, windows
@@ -48,6 +80,8 @@ class InstructionDataset(Dataset):
         encoded = {r.id: self._encode(r, max_length) for r in records}
         self.records, self.starts = self._items(list(records))
         self.encoded = [encoded[r.id] for r in self.records]
+        self.bad = bad_samples or BadSamplePolicy("error")
+        self.groups = [group_key(r.modalities) for r in self.records]
 
     def _encode(self, rec: Record, max_length: int | None):
         missing = [im.modality for im in rec.images if im.modality not in self.inputs]
@@ -88,7 +122,7 @@ class InstructionDataset(Dataset):
 
     def item_groups(self) -> list[str]:
         """The modality group of every item, for the batch sampler."""
-        return [group_key(r.modalities) for r in self.records]
+        return list(self.groups)
 
     def load_array(self, rec: Record, image_index: int) -> np.ndarray:
         """The whole preprocessed image (float32, or a float16 memmap from the cache)."""
@@ -139,6 +173,21 @@ class InstructionDataset(Dataset):
                 "turns": rec.turns, "image_tokens": [self.inputs[im.modality].tokens for im in rec.images]}
 
     def __getitem__(self, index: int) -> dict:
+        if self.bad.mode == "error":
+            return self._sample(index)
+        groups = self.groups
+        order = [i for i in range(index, len(self)) if groups[i] == groups[index]] + \
+            [i for i in range(index) if groups[i] == groups[index]]
+        for candidate in order:
+            if candidate in self.bad.failed:
+                continue
+            try:
+                return self._sample(candidate)
+            except UmbrellaError as exc:
+                self.bad.record(candidate, self.records[candidate].id, str(exc), len(self))
+        raise UmbrellaError(f"every sample of modality group {groups[index]!r} failed to load")
+
+    def _sample(self, index: int) -> dict:
         rec, enc = self.records[index], self.encoded[index]
         images = [(im.modality, self._image(index, rec, j)) for j, im in enumerate(rec.images)]
         ids = torch.tensor(enc.input_ids, dtype=torch.long)

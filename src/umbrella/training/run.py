@@ -35,7 +35,7 @@ from umbrella.data.catalog import (
     save_preprocessing,
 )
 from umbrella.data.collate import BrainCollator
-from umbrella.data.dataset import InstructionDataset
+from umbrella.data.dataset import BadSamplePolicy, InstructionDataset
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.tokenizer import record_texts, train_tokenizer
 from umbrella.data.volumes import VolumeAugment
@@ -94,15 +94,20 @@ def _tokenizer_corpus(records) -> list[str]:
     return texts
 
 
-def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder):
+def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir: Path):
     inputs = modality_inputs(cfg)
     augment = {m: VolumeAugment(flip_axes=(0,)) for m, s in cfg.dataset.enabled().items()
                if s.augment}
     cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
     common = dict(encoder=encoder, inputs=inputs, seed=cfg.training.seed,
                   max_length=cfg.model.max_length, memoize=cfg.dataset.memoize, cache=cache)
-    train = InstructionDataset(splits["train"], augment=augment, windows="random", **common)
-    val = (InstructionDataset(splits["val"], windows="first", **common)
+    def policy():
+        return BadSamplePolicy(cfg.dataset.on_bad_sample, cfg.dataset.max_bad_fraction,
+                               run_dir / "bad_samples.jsonl")
+
+    train = InstructionDataset(splits["train"], augment=augment, windows="random",
+                               bad_samples=policy(), **common)
+    val = (InstructionDataset(splits["val"], windows="first", bad_samples=policy(), **common)
            if splits.get("val") else None)
     return inputs, train, val
 
@@ -189,7 +194,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
 
     tokenizer = train_tokenizer(_tokenizer_corpus(splits["train"]), cfg.model.vocab_size)
     encoder = PromptEncoder(tokenizer)
-    inputs, train_set, val_set = _datasets(cfg, splits, encoder)
+    inputs, train_set, val_set = _datasets(cfg, splits, encoder, run_dir)
     model = build_brain_llava(cfg.model, model_geometry(cfg), tokenizer, seed=cfg.training.seed)
     callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir)
     trainer = UmbrellaTrainer(
