@@ -75,6 +75,7 @@ class ModelConfig:
 
     preset: str = "tiny"
     base: str | None = None  # a pretrained LLaVA (hub name or folder); None builds from the preset
+    dtype: str | None = None  # weights of a converted base: float32 | bfloat16 | float16 (None: as saved)
     vision_hidden_size: int | None = None
     vision_layers: int | None = None
     vision_heads: int | None = None
@@ -154,6 +155,7 @@ _CHOICES = {
     "train_projector": ("full", "frozen", "lora"),
     "train_llm": ("full", "frozen", "lora"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "dtype": (None, "float32", "bfloat16", "float16"),
     "dmri_map": ("FA", "MD", "AD", "RD"),
     "mixing": ("proportional", "round_robin", "temperature"),
     "on_bad_sample": ("error", "skip"),

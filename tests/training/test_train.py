@@ -34,3 +34,55 @@ def test_same_seed_same_losses(tiny_config):
         runs.append([h["loss"] for h in hist if "loss" in h])
     assert runs[0] == runs[1]
     assert torch.get_num_threads() >= 1
+
+
+def test_lora_run_saves_adapters_that_reload(tiny_config):
+    from umbrella.data.catalog import load_preprocessing
+    from umbrella.data.dataset import InstructionDataset
+    from umbrella.data.prompts import PromptEncoder
+    from umbrella.data.records import load_records
+    from umbrella.evaluation.scoring import score_options
+
+    cfg = tiny_config("training.max_steps=3", "model.train_llm=lora", "model.train_vision=frozen",
+                      "training.run_name=lora")
+    result = train(cfg, progress=False)
+    assert (result.model_dir / "adapter_model.safetensors").is_file()
+    model, tok = load_brain_llava(result.model_dir)
+    names = [n for n, _ in model.named_parameters()]
+    assert any("lora_A" in n for n in names)
+    recs = load_records(cfg.dataset.T1.records[0], {"T1": cfg.dataset.T1.data_root})[:2]
+    ds = InstructionDataset(recs, PromptEncoder(tok), load_preprocessing(result.model_dir))
+    scores = score_options(model, PromptEncoder(tok), [ds.scoring_sample(i) for i in range(2)],
+                           [["male", "female"]] * 2)
+    assert all(torch.isfinite(s).all() for s in scores)
+
+
+def test_pretrained_llava_base_is_converted_and_trained(tiny_config, tmp_path):
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from umbrella.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["What is the sex of this subject? male female"] * 4, 300)
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=8, patch_size=4),
+        text_config=Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full"))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    result = train(tiny_config("training.max_steps=3", "training.logging_steps=1",
+                               f"model.base={tmp_path / 'base'}"), progress=False)
+    model, _ = load_brain_llava(result.model_dir)
+    assert model.config.vision_config.hidden_size == 32  # the base's tower width
+    original = base.model.language_model.layers[0].mlp.up_proj.weight
+    assert original.shape == model.model.language_model.layers[0].mlp.up_proj.weight.shape
+    hist = json.loads((result.run_dir / "log_history.json").read_text())
+    assert len([h for h in hist if "loss" in h]) == 3

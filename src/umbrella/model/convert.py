@@ -25,61 +25,25 @@ tower's config; SigLIP towers have no such norm. It is therefore dropped.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
+from umbrella.data.prompts import (  # noqa: F401  (re-exported for callers of convert)
+    CHAT_FORMATS,
+    CHATML,
+    VICUNA,
+    VICUNA_SYSTEM,
+    VICUNA_TEMPLATE,
+    ChatFormat,
+)
 from umbrella.data.records import IMAGE_PLACEHOLDER
-from umbrella.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+from umbrella.data.tokenizer import IM_END, IM_START
 from umbrella.errors import ModelError
 from umbrella.model.build import BrainLlavaForConditionalGeneration
 from umbrella.model.configuration_brain_vit import BrainViTConfig
 from umbrella.model.modeling_brain_vit import BrainPatchEmbedding, BrainViTModel
-
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-
-VICUNA_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
-    "{% else %}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """How one base LLM family lays out a conversation, as text segments tokenised on their own.
-
-    A user turn is ``user_header + text + user_end``; an answer is ``assistant_header`` then
-    ``answer_prefix + text`` then ``end_token`` (trained on, and stops generation) then
-    ``after_answer``. ``system`` is written once before the first turn.
-    """
-
-    name: str
-    system: str
-    user_header: str
-    user_end: str
-    assistant_header: str
-    answer_prefix: str
-    end_token: str
-    after_answer: str
-    template: str  # the tokenizer's chat template, for messages whose content is a string
-
-
-CHATML = ChatFormat("chatml", system="", user_header=f"{IM_START}user\n", user_end=f"{IM_END}\n",
-                    assistant_header=f"{IM_START}assistant\n", answer_prefix="", end_token=IM_END,
-                    after_answer="\n", template=CHATML_TEMPLATE)
-# LLaVA-1.5 (conv_vicuna_v1): "<system> USER: <image>\nQ ASSISTANT: A</s>USER: ..."
-VICUNA = ChatFormat("vicuna", system=VICUNA_SYSTEM + " ", user_header="USER: ", user_end=" ",
-                    assistant_header="ASSISTANT:", answer_prefix=" ", end_token="</s>",
-                    after_answer="", template=VICUNA_TEMPLATE)
-CHAT_FORMATS = {f.name: f for f in (CHATML, VICUNA)}
 
 
 def convert_pretrained_llava(base: str | Path, modalities: dict[str, dict], *, dtype=None):

@@ -42,6 +42,7 @@ from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava
+from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.tasks.registry import TASKS
 from umbrella.training.callbacks import (
     MARKER,
@@ -110,6 +111,24 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
     val = (InstructionDataset(splits["val"], windows="first", bad_samples=policy(), **common)
            if splits.get("val") else None)
     return inputs, train, val
+
+
+def make_model(cfg: UmbrellaConfig, train_records):
+    """A converted pretrained LLaVA (model.base) or a fresh preset with a tokenizer trained on the
+    training records; then the freeze / LoRA policy."""
+    m = cfg.model
+    if m.base:
+        from umbrella.model.convert import convert_pretrained_llava
+
+        dtype = getattr(torch, m.dtype) if m.dtype else None
+        model, tokenizer, _ = convert_pretrained_llava(m.base, model_geometry(cfg), dtype=dtype)
+    else:
+        tokenizer = train_tokenizer(_tokenizer_corpus(train_records), m.vocab_size)
+        model = build_brain_llava(m, model_geometry(cfg), tokenizer, seed=cfg.training.seed)
+    model = apply_trainable_policy(model, vision=m.train_vision, projector=m.train_projector,
+                                   llm=m.train_llm, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
+                                   lora_dropout=m.lora_dropout)
+    return model, tokenizer
 
 
 def _precision(choice: str) -> dict:
@@ -192,10 +211,9 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
     _tracking_env(cfg, run_dir)
 
-    tokenizer = train_tokenizer(_tokenizer_corpus(splits["train"]), cfg.model.vocab_size)
+    model, tokenizer = make_model(cfg, splits["train"])
     encoder = PromptEncoder(tokenizer)
     inputs, train_set, val_set = _datasets(cfg, splits, encoder, run_dir)
-    model = build_brain_llava(cfg.model, model_geometry(cfg), tokenizer, seed=cfg.training.seed)
     callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir)
     trainer = UmbrellaTrainer(
         model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
@@ -215,8 +233,7 @@ def save_model(model, tokenizer, inputs, folder: Path) -> Path:
     """Model (safetensors), tokenizer and preprocessing settings, written to a temp folder first."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_trained(model, tmp, tokenizer)  # LoRA adapters are kept unmerged beside the weights
     save_preprocessing(inputs, tmp)
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
