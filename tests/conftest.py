@@ -43,18 +43,27 @@ def tiny_records(tiny_cohort, tmp_path_factory):
     return write_sex_records(tiny_cohort, tmp_path_factory.mktemp("records") / "sex.jsonl", seed=0)
 
 
-@pytest.fixture
-def tiny_config(tiny_cohort, tiny_records, tmp_path):
-    """A factory: the tiny training config with extra dotlist overrides."""
+def _tiny_config_factory(tiny_cohort, tiny_records, out):
     from umbrella.config import load_config
 
     def make(*overrides):
         s, p = TINY["size"], TINY["patch"]
         base = [f"dataset.T1.records=[{tiny_records}]", f"dataset.T1.data_root={tiny_cohort.root}",
                 f"dataset.T1.image_size=[{s},{s},{s}]", f"dataset.T1.patch_size=[{p},{p},{p}]",
-                f"training.output_dir={tmp_path / 'runs'}", "training.max_steps=30",
+                f"training.output_dir={out}", "training.max_steps=30",
                 "training.batch_size=8", "training.warmup_steps=5", "training.eval_steps=0",
                 "training.logging_steps=5", "dataset.memoize=true", "model.vocab_size=300"]
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tiny_cohort, tiny_records, tmp_path):
+    """A factory: the tiny training config with extra dotlist overrides."""
+    return _tiny_config_factory(tiny_cohort, tiny_records, tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def tiny_config_module(tiny_cohort, tiny_records, tmp_path_factory):
+    return _tiny_config_factory(tiny_cohort, tiny_records, tmp_path_factory.mktemp("runs"))

@@ -46,7 +46,7 @@ from umbrella.config import MODALITIES, ModalityConfig, UmbrellaConfig
 from umbrella.data.records import Record, parse_record
 from umbrella.data.volumes import MAX_VOXELS, read_nifti
 from umbrella.errors import ConfigError, RecordError, VolumeError
-from umbrella.tasks.registry import get_task
+from umbrella.tasks.registry import task_for_record
 
 KINDS = {  # kind -> what it means; the order of the summary table
     "malformed_json": "a line (or a .json file) is not valid JSON",
@@ -70,16 +70,18 @@ KINDS = {  # kind -> what it means; the order of the summary table
     "dmri_bad_gradients": "bval / bvec cannot be read or do not match the series",
 }
 
-_RECORD_KINDS = (("missing key", "missing_key"), ("unknown modality", "unknown_modality"),
-                 ("<image> placeholders but", "image_count"))
+_RECORD_KINDS = ((r"missing key ", "missing_key"), (r"unknown modality ", "unknown_modality"),
+                 (r"\d+ <image> placeholders but \d+ images", "image_count"))  # parse_record's
 _RECORD_FIX = {
     "missing_key": "add the key to the record",
     "malformed_record": "write the record in the LLaVA ('conversations') or chat ('messages') "
                         "form; user and assistant alternate and the assistant answers last",
 }
-_VOLUME_KINDS = (("file not found", "missing_file"), ("not a regular file", "missing_file"),
-                 ("zero-size", "zero_size"), ("expected a 3D volume", "wrong_dims"),
-                 ("NaN or Inf", "nan_inf"), ("constant", "constant"))
+_VOLUME_KINDS = ((r"file not found", "missing_file"), (r"not a regular file", "missing_file"),
+                 (r"image has a zero-size dimension", "zero_size"),
+                 (r"expected a 3D volume", "wrong_dims"),
+                 (r"\d+ of \d+ voxels are NaN or Inf", "nan_inf"),
+                 (r"volume is constant", "constant"))  # read_nifti's messages, by how they start
 _JSON_ERRORS = (ValueError, RecursionError)  # JSONDecodeError, UnicodeDecodeError, int digits
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 _COMPRESSED = (".gz", ".bz2", ".zst")
@@ -103,7 +105,7 @@ _DIMS = {"T1": ("a 3D volume", "select one 3D volume (nibabel `img.slicer[..., 0
 @dataclass(frozen=True)
 class Problem:
     kind: str  # one of KINDS
-    record_id: str | None  # None when no record can be named (a whole records file, an id-less line)
+    record_id: str | None  # None where no record can be named (a whole file, an id-less line)
     file: str | None  # the file to fix: the records file for record problems, else the image
     message: str  # what is wrong
     fix: str  # how to fix it
@@ -234,7 +236,8 @@ def _guess_id(data: bytes) -> str | None:
     found = re.search(rb'"id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d{1,40})\b)', data)
     if found is None:
         return None
-    return (found.group(1) or found.group(2)).decode("utf-8", errors="replace")
+    text = found.group(1) if found.group(1) is not None else found.group(2)
+    return text.decode("utf-8", errors="replace")
 
 
 def _jsonl_entries(path: Path, raw: bytes) -> list[_Entry]:
@@ -268,7 +271,7 @@ def _json_entries(path: Path, raw: bytes) -> tuple[list[_Entry], list[Problem]]:
 
 
 def _read_entries(path: Path) -> tuple[list[_Entry], list[Problem]]:
-    """Every record entry of a .jsonl (line by line) or .json (one list) file, plus file problems."""
+    """Every record entry of a .jsonl (line by line) or .json (one list) file + file problems."""
     if not path.is_file():
         what = "does not exist" if not path.exists() else "is not a regular file"
         return [], [Problem("missing_file", None, str(path), f"records file {what}",
@@ -301,7 +304,8 @@ def _record_error_problem(exc: RecordError, entry: _Entry) -> Problem:
         where.append(f"in {exc.source}" + (f" line {exc.line}" if exc.line is not None else ""))
     text = str(exc).removeprefix(" ".join(where) + ": " if where else "")
     message, fix = _split_fix(text)
-    kind = next((k for pattern, k in _RECORD_KINDS if pattern in message), "malformed_record")
+    kind = next((k for pattern, k in _RECORD_KINDS if re.match(pattern, message)),
+                "malformed_record")
     return Problem(kind, exc.record_id, str(entry.source), entry.located(message),
                    fix or _RECORD_FIX.get(kind, _RECORD_FIX["malformed_record"]), line=entry.line)
 
@@ -361,15 +365,22 @@ class _Collector:
     def report(self, problem: Problem) -> None:
         self.problems.append((self.order, problem))
 
+    def report_file(self, problem: Problem) -> None:
+        """A problem of a whole records file: placed after the records read before it."""
+        self.order += 1
+        self.report(problem)
+
     def add(self, entry: _Entry) -> None:
         self.order += 1
         if entry.problem is not None:
-            return self.report(entry.problem)
+            self.report(entry.problem)
+            return
         try:
             rec = parse_record(entry.obj, source=str(entry.source), line=entry.line,
                                data_roots=self.roots)
         except RecordError as exc:
-            return self.report(_record_error_problem(exc, entry))
+            self.report(_record_error_problem(exc, entry))
+            return
         for problem in self._across(rec, entry):
             self.report(problem)
         for image, raw in zip(rec.images, _raw_images(entry.obj), strict=True):
@@ -397,8 +408,16 @@ class _Collector:
                                f"subject {rec.subject_id!r} is in split {rec.split!r} here and in "
                                f"{split!r} in record {first_id!r}",
                                "assign each subject to exactly one split (splits are by subject)"))
-        task = get_task(rec.task)
-        if task is not None and task.kind == "classification" and task.parse(rec.answer) is None:
+        try:  # the spec the record was written with (metadata.task_spec), else the built-in
+            task = task_for_record(rec.task, rec.metadata if isinstance(rec.metadata, dict) else {})
+            unparseable = (task is not None and task.kind == "classification"
+                           and task.parse(rec.answer) is None)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a bad task_spec
+            out.append(problem("malformed_record", f"metadata.task_spec cannot be used "
+                               f"({type(exc).__name__}: {exc})", "rewrite the record with "
+                               "`umbrella prepare`, or remove metadata.task_spec"))
+            unparseable = False
+        if unparseable:
             out.append(problem("unparseable_answer",
                                f"answer {rec.answer!r} names none or several of the {rec.task} "
                                f"options {', '.join(task.options)}",
@@ -449,7 +468,8 @@ def _header_problem(job: _ImageJob, img: SpatialImage) -> Problem | None:
     offset = getattr(img.dataobj, "offset", None)
     if holder is not None and holder.filename and offset is not None \
             and not str(holder.filename).endswith(_COMPRESSED):
-        need, have = int(offset) + math.prod(shape) * dtype.itemsize, Path(holder.filename).stat().st_size
+        need = int(offset) + math.prod(shape) * dtype.itemsize
+        have = Path(holder.filename).stat().st_size
         if need > have:
             return _problem(job, "corrupt_file", f"truncated: the header declares {need} bytes "
                             f"(voxels from offset {int(offset)}) but the file has {have}",
@@ -502,7 +522,8 @@ def _read_3d(job: _ImageJob) -> list[Problem]:
         read_nifti(job.path)
     except VolumeError as exc:
         message, fix = _split_fix(str(exc).removeprefix(f"file {job.path}: "))
-        kind = next((k for pattern, k in _VOLUME_KINDS if pattern in message), "corrupt_file")
+        kind = next((k for pattern, k in _VOLUME_KINDS if re.match(pattern, message)),
+                    "corrupt_file")
         return [_problem(job, kind, message, fix or _CORRUPT_FIX)]
     return []
 
@@ -614,10 +635,12 @@ def _check_frame_folder(job: _ImageJob, rules: _Rules) -> list[Problem]:
         if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or 0 in frame.shape:
             got = tuple(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
             return out + [_problem(job, "wrong_dims", f"a frame must be a non-empty 3D tensor, "
-                                   f"got {got}", "each frame file holds one (X, Y, Z) tensor", file)]
+                                   f"got {got}", "each frame file holds one (X, Y, Z) tensor",
+                                   file)]
         if shape is not None and tuple(frame.shape) != shape:
             return out + [_problem(job, "wrong_dims", f"frame has shape {tuple(frame.shape)}, "
-                                   f"frame_0.pt has {shape}", "re-export the run on one grid", file)]
+                                   f"frame_0.pt has {shape}", "re-export the run on one grid",
+                                   file)]
         shape, data = tuple(frame.shape), frame.detach().to(torch.float32).numpy()
         n_bad += data.size - int(np.count_nonzero(np.isfinite(data)))
         if not n_bad:
@@ -686,12 +709,16 @@ def _check_image(job: _ImageJob, rules: _Rules) -> list[Problem]:
 def _check_images(jobs: list[_ImageJob], rules: _Rules, workers: int,
                   progress: bool) -> list[list[Problem]]:
     results: list[list[Problem]] = [[] for _ in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(jobs), desc="validate images", unit="file", disable=not progress) as bar:
-        futures = {pool.submit(_check_image, job, rules): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        bar = tqdm(total=len(jobs), desc="validate images", unit="file", disable=not progress)
+        with bar:
+            futures = {pool.submit(_check_image, job, rules): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    finally:  # on Ctrl-C, files not yet started are dropped instead of read to the end
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -711,7 +738,8 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     unknown = sorted(set(data_roots or {}) - set(MODALITIES))
     if unknown:
-        raise ConfigError(f"data_roots has unknown modalities {unknown}; use {', '.join(MODALITIES)}")
+        raise ConfigError(f"data_roots has unknown modalities {unknown}; "
+                          f"use {', '.join(MODALITIES)}")
     rules = _parse_rules(modality_rules)
     collector = _Collector({m: Path(p) for m, p in (data_roots or {}).items()})
     n_records, seen = 0, set()
@@ -721,7 +749,7 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
         seen.add(path.resolve())
         entries, file_problems = _read_entries(path)
         for problem in file_problems:
-            collector.report(problem)
+            collector.report_file(problem)
         for entry in entries:
             collector.add(entry)
         n_records += len(entries)
