@@ -157,7 +157,7 @@ def test_truncated_gzip(tmp_path):
 def test_truncated_uncompressed(tmp_path):
     path = _save(tmp_path, _head((20, 20, 20)), name="vol.nii")
     path.write_bytes(path.read_bytes()[:2000])
-    _expect_error(path, "cannot read")
+    _expect_error(path, "truncated file")
 
 
 @pytest.mark.parametrize("name,blob", [

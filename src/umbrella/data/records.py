@@ -196,23 +196,33 @@ def parse_record(obj: Any, *, source: str = "<memory>", line: int | None = None,
                   metadata=meta.get("metadata", meta), source=source)
 
 
+def _json(text: str, path: Path, line: int | None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}", source=path,
+                          line=line if line is not None else exc.lineno,
+                          fix="repair or remove this line") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit integer, nesting too deep
+        raise RecordError(f"unreadable JSON: {type(exc).__name__}: {str(exc)[:200]}", source=path,
+                          line=line, fix="repair or remove this line") from exc
+
+
 def _iter_raw(path: Path):
     """Yield (line number or None, parsed object) from a .json or .jsonl file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"malformed JSON: {exc.msg} at column {exc.colno}",
-                                  source=path, line=n, fix="repair or remove this line") from exc
-        return
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"malformed JSON: {exc.msg}", source=path, line=exc.lineno) from exc
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise RecordError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+                          source=path, line=line, fix="save the records file as UTF-8") from exc
+    if path.suffix == ".jsonl":
+        # split on newlines only: U+2028 / U+0085 are legal inside JSON strings
+        for n, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                yield n, _json(line, path, n)
+        return
+    data = _json(text, path, None)
     if not isinstance(data, list):
         raise RecordError("a .json records file must hold a list of records", source=path,
                           fix="wrap the records in [...] or use .jsonl, one record per line")

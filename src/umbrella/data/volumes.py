@@ -21,6 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import OrientationError
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from scipy import ndimage
 
@@ -29,7 +30,8 @@ from umbrella.errors import VolumeError
 SPATIAL_MODES = ("crop_pad", "resize")
 NORMALIZE_METHODS = ("zscore_brain", "percentile", "none")
 MAX_VOXELS = 2**28  # ~1 GiB of float32; a resampling target above this is surely a config mistake
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, OverflowError, MemoryError, zlib.error,
+                ImageFileError, HeaderDataError, OrientationError)
 _CORRUPT_FIX = ("re-download or re-convert the file (e.g. with dcm2niix); "
                 "`gzip -t FILE` checks a .nii.gz")
 
@@ -129,6 +131,7 @@ def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.nd
         raise fail(f"expected a 3D volume, got shape {shape}",
                    "select one 3D volume, e.g. nibabel `img.slicer[..., 0]` or `fslroi`, "
                    "or use the modality's 4D loader")
+    _check_header(img, path, fail)
     try:
         canonical = nib.as_closest_canonical(img)
         data = canonical.get_fdata(dtype=np.float32)
@@ -137,6 +140,26 @@ def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.nd
     data = data.reshape(data.shape[:3])
     _check_values(data, fail)
     return data, np.asarray(canonical.affine, dtype=np.float64)
+
+
+def _check_header(img, path: Path, fail) -> None:
+    """Before any voxel is read: a scalar numeric type, a plausible voxel count, and (for an
+    uncompressed file) enough bytes for what the header declares. Protects against headers that
+    would make nibabel allocate gigabytes or map memory it cannot."""
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise fail(f"voxel type {dtype} is not a scalar real number (RGB or complex image?)",
+                   "convert the image to a scalar intensity volume")
+    n_voxels = int(np.prod([int(n) for n in img.shape], dtype=np.float64))
+    if n_voxels > MAX_VOXELS:
+        raise fail(f"the header declares {n_voxels} voxels (shape {tuple(img.shape)}), more than "
+                   f"{MAX_VOXELS}", "the header is corrupt or this is not a brain volume")
+    offset = int(getattr(img.header, "get_data_offset", lambda: 0)())
+    if not str(path).endswith(".gz"):
+        needed = offset + n_voxels * dtype.itemsize
+        if needed > path.stat().st_size:
+            raise fail(f"the header declares {needed} bytes of data but the file has "
+                       f"{path.stat().st_size} (truncated file or corrupt header)", _CORRUPT_FIX)
 
 
 def _check_values(data: np.ndarray, fail) -> None:
