@@ -13,7 +13,7 @@ def test_help_lists_every_command():
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd", ["prepare", "validate"])
+@pytest.mark.parametrize("cmd", ["prepare"])
 def test_unbuilt_commands_say_so(cmd, capsys):
     assert main([cmd]) == 2
     assert "not implemented yet" in capsys.readouterr().err
@@ -56,3 +56,20 @@ def test_cached_training_matches_uncached(tiny_config, tmp_path):
         hist = json.loads((res.run_dir / "log_history.json").read_text())
         losses.append([h["loss"] for h in hist if "loss" in h])
     assert losses[0] == losses[1]  # memo (float16) and cache (float16) feed identical values
+
+
+def test_validate_command_clean_then_broken(tiny_config, tiny_records, tmp_path, capsys):
+    from umbrella.config import save_config
+
+    save_config(tiny_config(), tmp_path / "c.yaml")
+    assert main(["validate", "-c", str(tmp_path / "c.yaml"), "--quiet"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    broken = tmp_path / "broken.jsonl"
+    lines = tiny_records.read_text().splitlines()
+    broken.write_text("\n".join(lines[:3] + ["{oops"] + [lines[0]]) + "\n")
+    code = main(["validate", "--records", str(broken), "--data-root", f"T1={tmp_path}",
+                 "--quiet", "--json", str(tmp_path / "report.json")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "malformed_json" in out and "duplicate_id" in out and "missing_file" in out
+    assert (tmp_path / "report.json").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from umbrella.errors import NotImplementedYet, UmbrellaError
 
-_LATER = {"prepare": "phenotype table -> records", "validate": "check records and files"}
+_LATER = {"prepare": "phenotype table -> records"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in _LATER.items():
         s = sub.add_parser(name, help=f"{text} (not implemented yet)")
         s.add_argument("rest", nargs=argparse.REMAINDER)
+
+    v = sub.add_parser("validate", help="check every record and referenced file before training")
+    v.add_argument("-c", "--config", help="YAML config: its records files and data roots")
+    v.add_argument("--records", nargs="+", default=[], help="records files (instead of -c)")
+    v.add_argument("--data-root", action="append", default=[], metavar="MODALITY=PATH",
+                   help="data root for --records, e.g. T1=/data/abcd (repeatable)")
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--json", help="also write the report as JSON to this file")
+    v.add_argument("--quiet", action="store_true")
+    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     c = sub.add_parser("cache", help="preprocess every referenced image once into the cache")
     c.add_argument("-c", "--config", required=True, help="YAML config naming dataset.cache_dir")
@@ -84,6 +94,37 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from umbrella.config import load_config
+    from umbrella.data.validate import validate_config, validate_records_files
+    from umbrella.io import atomic_write_json
+
+    if bool(args.config) == bool(args.records):
+        raise UmbrellaError("give either -c CONFIG or --records FILE [FILE ...]")
+    if args.config:
+        report = validate_config(load_config(args.config, args.overrides), workers=args.workers,
+                                 progress=not args.quiet)
+    else:
+        roots = dict(_pair(item, "--data-root", "T1=/data/abcd") for item in args.data_root)
+        report = validate_records_files([Path(r) for r in args.records],
+                                        {m: Path(p) for m, p in roots.items()},
+                                        workers=args.workers, progress=not args.quiet)
+    print(report.summary_table())
+    for line in report.lines():
+        print(line)
+    if args.json:
+        atomic_write_json(args.json, report.to_dict())
+    print("no problems found" if report.ok else f"{len(report.problems)} problems found")
+    return 0 if report.ok else 1
+
+
+def _pair(item: str, flag: str, example: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise UmbrellaError(f"{flag} {item!r} must be KEY=VALUE, e.g. {example}")
+    return key, value
+
+
 def _cmd_cache(args) -> int:
     from umbrella.config import load_config
     from umbrella.data.cache import PreprocessCache, build_cache, cache_size_bytes
@@ -130,12 +171,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_ask(args) -> int:
     from umbrella.inference import BrainAssistant
 
-    images = []
-    for item in args.image:
-        modality, sep, path = item.partition("=")
-        if not sep or not path:
-            raise UmbrellaError(f"--image {item!r} must be MODALITY=PATH, e.g. T1=scan.nii.gz")
-        images.append((modality, path))
+    images = [_pair(item, "--image", "T1=scan.nii.gz (MODALITY=PATH)") for item in args.image]
     print(BrainAssistant(args.model).ask(args.question, images, args.max_new_tokens))
     return 0
 
@@ -143,7 +179,7 @@ def _cmd_ask(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "cache": _cmd_cache, "train": _cmd_train,
+    handlers = {"demo": _cmd_demo, "validate": _cmd_validate, "cache": _cmd_cache, "train": _cmd_train,
                 "evaluate": _cmd_evaluate, "ask": _cmd_ask}
     try:
         if args.command in _LATER:
