@@ -1,20 +1,31 @@
 """`umbrella ask`: answer a question about one subject's scans with a trained model.
 
 Scans are preprocessed exactly as in training (the model folder's ``preprocessing.json``).
+
+    assistant = BrainAssistant("runs/sex__tiny__ab12cd34/seed_0")
+    assistant.ask("What is the sex of this subject?", [("T1", "sub-01_T1w.nii.gz")])
+    assistant.show(question, images, answer, "answer.png")   # orthogonal slices + the answer
+    interactive(assistant, images)                            # several questions, one model load
 """
 
 from __future__ import annotations
 
+import io
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 
 from umbrella.data.catalog import load_preprocessing
-from umbrella.data.records import IMAGE_PLACEHOLDER, Turn
+from umbrella.data.fmri import take_window
 from umbrella.data.prompts import PromptEncoder
-from umbrella.data.volumes import preprocess_volume
-from umbrella.errors import ConfigError
+from umbrella.data.records import IMAGE_PLACEHOLDER, ImageRef, Turn
+from umbrella.errors import ConfigError, UmbrellaError, VolumeError
 from umbrella.evaluation.scoring import generate_answers
+from umbrella.io import atomic_write_bytes
 from umbrella.model.build import load_brain_llava
 
 
@@ -37,15 +48,27 @@ class BrainAssistant:
         self.model, self.tokenizer = load_brain_llava(self.model_dir, device)
         self.encoder = PromptEncoder(self.tokenizer)
         self.inputs = load_preprocessing(self.model_dir)
+        self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # (modality, path) -> model input
 
     def load_images(self, images: list[tuple[str, str | Path]]) -> list[tuple[str, torch.Tensor]]:
+        """Model inputs, preprocessed as in training and kept so later questions reuse them:
+        (1, D, H, W) for T1 / dMRI, the first window (1, D, H, W, L) of an rsfMRI run."""
         out = []
         for modality, path in images:
             if modality not in self.inputs:
                 raise ConfigError(f"this model reads {', '.join(self.inputs)}, not {modality!r}")
-            vol = preprocess_volume(path, self.inputs[modality].spec)
-            out.append((modality, torch.from_numpy(vol)[None]))
+            key = (modality, str(Path(path).resolve()))
+            if key not in self._loaded:
+                self._loaded[key] = self._preprocess(modality, Path(path))
+            out.append((modality, self._loaded[key]))
         return out
+
+    def _preprocess(self, modality: str, path: Path) -> torch.Tensor:
+        spec = self.inputs[modality]
+        array = spec.preprocess(ImageRef(modality, path))
+        if spec.is_fmri:
+            array = take_window(array, spec.window_starts(array.shape[0])[0], spec.spec)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
     def ask(self, question: str, images: list[tuple[str, str | Path]],
             max_new_tokens: int = 32) -> str:
@@ -59,3 +82,106 @@ class BrainAssistant:
         sample = {"images": self.load_images(images), "turns": turns,
                   "image_tokens": [self.inputs[m].tokens for m, _ in images]}
         return generate_answers(self.model, self.encoder, [sample], max_new_tokens)[0]
+
+    def show(self, question: str, images: list[tuple[str, str | Path]], answer: str | None,
+             out_png: str | Path, max_new_tokens: int = 32) -> Path:
+        """Write a PNG of orthogonal slices of each input beside the question and ``answer``
+        (asked first when ``answer`` is None). Returns the PNG's path."""
+        if answer is None:
+            answer = self.ask(question, images, max_new_tokens)
+        return show_slices(images, question, answer, out_png)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def display_volume(path: str | Path) -> np.ndarray:
+    """(X, Y, Z) float32 in RAS+ order for display; a 4D series is averaged over time."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError("file not found" if not path.exists() else "not a NIfTI file (a frame "
+                          "folder cannot be shown)", path=path,
+                          fix="pass the NIfTI file given to --image")
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise VolumeError(f"cannot read for display ({type(exc).__name__}: {exc})", path=path,
+                          fix="check the file with `nib-ls` or re-convert it") from exc
+    if data.ndim < 3:
+        raise VolumeError(f"expected a 3D or 4D image, got shape {data.shape}", path=path,
+                          fix="pass a 3D (T1, dMRI map) or 4D (rsfMRI) NIfTI")
+    data = data.reshape(data.shape[:3] + (-1,)).mean(axis=3)
+    return np.nan_to_num(data)
+
+
+def orthogonal_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
+    """Central axial (x-y), coronal (x-z) and sagittal (y-z) slices of an (X, Y, Z) RAS+ volume,
+    transposed so that rows run top to bottom when drawn with ``origin="lower"``."""
+    x, y, z = (n // 2 for n in volume.shape)
+    return {"axial": volume[:, :, z].T, "coronal": volume[:, y, :].T,
+            "sagittal": volume[x, :, :].T}
+
+
+def show_slices(images: list[tuple[str, str | Path]], question: str, answer: str,
+                out_png: str | Path) -> Path:
+    """PNG: one row per input (axial, coronal, sagittal) and the question / answer at the right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not images:
+        raise ConfigError("show needs at least one image (MODALITY=PATH)")
+    n = len(images)
+    fig = Figure(figsize=(11, 2.8 * n + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(n, 4, width_ratios=[1, 1, 1, 1.3])
+    for row, (modality, path) in enumerate(images):
+        volume = display_volume(path)
+        lo, hi = np.percentile(volume, [1, 99.5])
+        for col, (view, plane) in enumerate(orthogonal_slices(volume).items()):
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(plane, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            ax.set_axis_off()
+            ax.set_title(f"{modality} {view}" if col else f"{modality} {view}\n{Path(path).name}",
+                         fontsize=8)
+    text = fig.add_subplot(grid[:, 3])
+    text.set_axis_off()
+    body = "Q: " + "\n".join(textwrap.wrap(question.replace("<image>", "").strip(), 38)) + \
+        "\n\nA: " + "\n".join(textwrap.wrap(answer, 38) or [""])
+    text.text(0.0, 0.95, body, va="top", ha="left", fontsize=10, family="monospace",
+              transform=text.transAxes)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(Path(out_png), buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- interactive
+
+def interactive(assistant: BrainAssistant, images: list[tuple[str, str | Path]], *,
+                input_fn: Callable[[str], str] = input, print_fn: Callable[[str], None] = print,
+                max_new_tokens: int = 32, show_dir: str | Path | None = None,
+                prompt: str = "question> ") -> list[tuple[str, str]]:
+    """Ask questions about ``images`` until an empty line or EOF, with the model and the
+    preprocessed scans kept loaded. A failing question prints its error and the loop goes on.
+    With ``show_dir``, each answer's slice figure is written there (answer_01.png, ...).
+    Returns the (question, answer) pairs."""
+    assistant.load_images(images)  # bad paths fail before the first question
+    transcript: list[tuple[str, str]] = []
+    while True:
+        try:
+            question = input_fn(prompt)
+        except (EOFError, KeyboardInterrupt):
+            break
+        if question is None or not question.strip():
+            break
+        try:
+            answer = assistant.ask(question.strip(), images, max_new_tokens)
+        except UmbrellaError as exc:
+            print_fn(f"error: {exc}")
+            continue
+        transcript.append((question.strip(), answer))
+        print_fn(answer)
+        if show_dir is not None:
+            png = assistant.show(question.strip(), images, answer,
+                                 Path(show_dir) / f"answer_{len(transcript):02d}.png")
+            print_fn(f"(figure: {png})")
+    return transcript

@@ -32,5 +32,5 @@ def test_subject_splits_stratified_reproducible_and_order_free():
     assert a == b
     for split, n in (("train", 30), ("val", 10), ("test", 10)):
         for s in ("male", "female"):
-            assert sum(1 for i, x in zip(ids, sex) if a[i] == split and x == s) == n
+            assert sum(1 for i, x in zip(ids, sex, strict=True) if a[i] == split and x == s) == n
     assert subject_splits(ids, sex, seed=4) != a

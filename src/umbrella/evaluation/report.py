@@ -1,4 +1,7 @@
-"""metrics.json -> a short Markdown report and a plain-text table for the terminal."""
+"""metrics.json -> a plain-text table for the terminal and a Markdown report with the plots.
+
+Every metric is shown with its bootstrap 95% CI and the baseline's value beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +10,131 @@ from pathlib import Path
 
 from umbrella.io import atomic_write_text
 
-_COLUMNS = (("accuracy", "accuracy"), ("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"),
-            ("roc_auc", "ROC-AUC"), ("majority_baseline_accuracy", "majority baseline"),
-            ("parse_failure_rate", "parse fail"))
+_CLASSIFICATION = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                   ("macro_f1", "macro-F1"), ("roc_auc", "ROC-AUC"))
+_REGRESSION = (("mae", "MAE"), ("rmse", "RMSE"), ("pearson_r", "Pearson r"), ("r2", "R²"))
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def metrics_rows(metrics: dict) -> list[list[str]]:
-    rows = []
-    for task, m in metrics["tasks"].items():
-        if "accuracy" in m:
-            rows.append([task, str(m["n"])] + [_fmt(m.get(k)) for k, _ in _COLUMNS])
-        else:
-            rows.append([task, str(m["n"]), _fmt(m.get("exact_match"))] + ["n/a"] * 5)
+def _ci(m: dict, key: str) -> str:
+    ci = (m.get("ci") or {}).get(key)
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+
+
+def _kind(m: dict) -> str:
+    return "classification" if "accuracy" in m else "regression" if "mae" in m else "free"
+
+
+def _baseline_head(m: dict) -> str:
+    b = m.get("baseline") or {}
+    kind = "majority baseline" if _kind(m) == "classification" else "mean baseline"
+    return f"{kind} ({b.get('predictor', 'n/a')}, from {b.get('source', 'n/a')})"
+
+
+def task_rows(m: dict) -> list[list[str]]:
+    """[metric, value, 95% CI, baseline] rows of one task's metrics."""
+    if _kind(m) == "free":
+        return [["exact match", _fmt(m.get("exact_match")), "n/a", "n/a"]]
+    names = _CLASSIFICATION if _kind(m) == "classification" else _REGRESSION
+    base = m.get("baseline") or {}
+    rows = [[label, _fmt(m.get(key)), _ci(m, key), _fmt(base.get(key))] for key, label in names]
+    if _kind(m) == "classification":
+        rows.append(["chance accuracy", _fmt(base.get("chance_accuracy")), "", ""])
+    rows.append(["parse failures", f"{m.get('parse_failures', 0)}/{m['n']} "
+                 f"({100 * m.get('parse_failure_rate', 0.0):.1f}%)", "", ""])
     return rows
 
 
+def _aligned(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def _task_title(name: str, m: dict, scoring: str | None = None) -> str:
+    unit = f", {m['unit']}" if m.get("unit") else ""
+    tail = f", scoring: {scoring}" if scoring else ""
+    return (f"{name} ({_kind(m)}{unit}; {m['n']} subjects, {m.get('n_records', m['n'])} "
+            f"records{tail})")
+
+
 def metrics_table(metrics: dict) -> str:
-    """Fixed-width table: one row per task."""
-    head = ["task", "n"] + [name for _, name in _COLUMNS]
-    rows = [head] + metrics_rows(metrics)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    """One block per task: metric, value, 95% CI and the baseline's value."""
+    lines = []
+    for name, m in metrics["tasks"].items():
+        if not m.get("n"):
+            lines.append(f"{name}: no records")
+            continue
+        lines.append(_task_title(name, m))
+        lines += _aligned([["metric", "value", "95% CI", _baseline_head(m)]] + task_rows(m))
     return "\n".join(lines)
 
 
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _group_section(title: str, groups: dict) -> list[str]:
+    lines = []
+    for name, by in groups.items():
+        first = next(iter(by.values()))
+        keys = _CLASSIFICATION if _kind(first) == "classification" else _REGRESSION
+        head = [title, "n"] + [label for _, label in keys] + ["parse fail"]
+        rows = [[g, str(m["n"])] + [f"{_fmt(m.get(k))} {_ci(m, k)}" for k, _ in keys]
+                + [_fmt(m.get("parse_failure_rate"))] for g, m in by.items()]
+        lines += ["", f"### {name} by {title}", ""] + _md_table(head, rows)
+    return lines
+
+
+def _loss_lines(run_dir: Path | None) -> list[str]:
+    if run_dir is None or not (Path(run_dir) / "log_history.json").is_file():
+        return []
+    hist = json.loads((Path(run_dir) / "log_history.json").read_text())
+    losses = [h["loss"] for h in hist if "loss" in h]
+    evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
+    lines = []
+    if losses:
+        lines += ["", f"Training loss: first {losses[0]:.3f}, last {losses[-1]:.3f} "
+                  f"({len(losses)} logged points)."]
+    if evals:
+        lines += [f"Validation loss: first {evals[0]:.3f}, last {evals[-1]:.3f}."]
+    return lines
+
+
 def write_report(metrics: dict, path: Path, run_dir: Path | None = None) -> Path:
-    head = ["task", "n"] + [name for _, name in _COLUMNS]
+    boot = metrics.get("bootstrap", {})
+    plots = metrics.get("plots", {})
     lines = [f"# Evaluation on split `{metrics['split']}`", "",
-             f"Model: `{metrics['model']}`  ", f"Scoring: {metrics['scoring']}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in metrics_rows(metrics)]
-    lines += ["", "Accuracy counts unparseable answers as wrong; the majority baseline is the share "
-              "of the most frequent class in this split."]
-    if run_dir is not None and (Path(run_dir) / "log_history.json").is_file():
-        hist = json.loads((Path(run_dir) / "log_history.json").read_text())
-        losses = [h["loss"] for h in hist if "loss" in h]
-        evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
-        if losses:
-            lines += ["", f"Training loss: first {losses[0]:.3f}, last {losses[-1]:.3f} "
-                      f"({len(losses)} logged points)."]
-        if evals:
-            lines += [f"Validation loss: first {evals[0]:.3f}, last {evals[-1]:.3f}."]
+             f"Model: `{metrics['model']}`  ", f"Scoring: {metrics['scoring']}  ",
+             f"Records: {metrics.get('n_records', 'n/a')}", ""]
+    for name, m in metrics["tasks"].items():
+        if not m.get("n"):
+            continue
+        lines += [f"## {_task_title(name, m)}", ""]
+        lines += _md_table(["metric", "value", "95% CI", _baseline_head(m)], task_rows(m))
+        for kind in ("confusion", "roc", "scatter"):
+            if f"{kind}_{name}" in plots:
+                lines += ["", f"![{name} {kind}]({plots[f'{kind}_{name}']})"]
+        lines.append("")
+    lines += _group_section("study", metrics.get("by_study", {}))
+    lines += _group_section("modality", metrics.get("by_modality", {}))
+    lines += ["", "## How to read this", "",
+              "- Metrics are computed over subjects (pairs for comparison tasks): several records "
+              "of one subject are averaged first (probabilities, or a majority vote / the mean of "
+              "the parsed answers).",
+              "- An answer that does not parse strictly (no option, two options, no number, a "
+              "number out of range) counts as wrong; for regression such a subject is scored as "
+              "the mean baseline. The parse-failure rate is listed per task.",
+              f"- 95% CIs: percentile bootstrap, {boot.get('resamples', 'n/a')} resamples of "
+              f"subjects, seed {boot.get('seed', 'n/a')}.",
+              "- Baselines are a constant predictor: the majority class (classification) or the "
+              "mean (regression), taken from the training split where marked `from train`, "
+              "otherwise from the evaluated split itself (which flatters the baseline slightly)."]
+    lines += _loss_lines(run_dir)
+    if "loss_curves" in plots:
+        lines += ["", f"![loss curves]({plots['loss_curves']})"]
     return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -3,12 +3,17 @@
 - likelihood: every allowed option is appended to the prompt and scored by the sum of the
   log-probabilities of its tokens and the closing ``<|im_end|>``; a softmax over the options gives
   probabilities (for ROC-AUC). Images are encoded once per record, not once per option.
-- generate: greedy decoding (deterministic), stopped at ``<|im_end|>``.
+- generate: greedy decoding (deterministic), stopped at ``<|im_end|>``. For regression answers
+  :func:`numeric_answer_processor` can restrict decoding to digits, '.', spaces, the unit's tokens
+  and the end token ("digit-constrained decoding").
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from umbrella.data.collate import BrainCollator
 from umbrella.data.prompts import PromptEncoder
@@ -73,10 +78,47 @@ def _pooled(feats):
     return BaseModelOutputWithPooling(pooler_output=list(feats))
 
 
+class AllowedTokens(LogitsProcessor):
+    """Sets every score outside ``allowed_ids`` to -inf: decoding can emit only those tokens."""
+
+    def __init__(self, allowed_ids, vocab_size: int):
+        self.allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        self.allowed[torch.tensor(sorted(set(allowed_ids)), dtype=torch.long)] = True
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """scores: (B, V) -> (B, V) with disallowed tokens at -inf."""
+        allowed = self.allowed.to(scores.device)
+        if allowed.shape[0] < scores.shape[-1]:
+            allowed = torch.cat([allowed, allowed.new_zeros(scores.shape[-1] - allowed.shape[0])])
+        return scores.masked_fill(~allowed[:scores.shape[-1]], float("-inf"))
+
+
+_NUMERIC_PIECE = re.compile(r"\s?[0-9.]+\s?|\s")
+
+
+def numeric_answer_processor(encoder: PromptEncoder, unit: str = "") -> AllowedTokens:
+    """Digit-constrained decoding for a regression answer written "12.4 years": tokens made only
+    of digits, '.' and spaces, the tokens of " <unit>" / "<unit>", and ``<|im_end|>``."""
+    tok = encoder.tok
+    allowed = {encoder.im_end}
+    for token_id in range(len(tok)):
+        text = tok.decode([token_id])
+        if text and _NUMERIC_PIECE.fullmatch(text):
+            allowed.add(token_id)
+    if unit:
+        for text in (unit, " " + unit):
+            allowed.update(encoder.tok(text, add_special_tokens=False)["input_ids"])
+    return AllowedTokens(allowed, len(tok))
+
+
 @torch.no_grad()
 def generate_answers(model, encoder: PromptEncoder, samples: list[dict],
-                     max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers for samples (dicts with "images", "turns", "image_tokens"), left-padded batch."""
+                     max_new_tokens: int = 16,
+                     logits_processor: LogitsProcessor | None = None) -> list[str]:
+    """Greedy answers for samples (dicts with "images", "turns", "image_tokens"), left-padded batch.
+
+    ``logits_processor`` (e.g. :func:`numeric_answer_processor`) constrains the decoded tokens.
+    """
     device = model.device
     pixel_values, order = _stack_images([s["images"] for s in samples])
     pixel_values = {m: v.to(device) for m, v in pixel_values.items()}
@@ -88,6 +130,8 @@ def generate_answers(model, encoder: PromptEncoder, samples: list[dict],
     out = model.generate(input_ids=batch["input_ids"].to(device),
                          attention_mask=batch["attention_mask"].to(device), mm_encoder_outputs=mm,
                          max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=encoder.im_end, pad_token_id=encoder.tok.pad_token_id)
+                         eos_token_id=encoder.im_end, pad_token_id=encoder.tok.pad_token_id,
+                         logits_processor=LogitsProcessorList([logits_processor])
+                         if logits_processor is not None else None)
     new = out[:, batch["input_ids"].shape[1]:]
     return [encoder.tok.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -73,6 +73,9 @@ class TaskSpec:
         """Everything but the questions: what a record carries so its answers can be parsed."""
         d = asdict(self)
         d.pop("questions")
+        d["options"] = list(self.options)
+        d["synonyms"] = [list(p) for p in self.synonyms]
+        d["units"] = [list(p) for p in self.units]
         return d
 
     @classmethod
