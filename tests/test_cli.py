@@ -13,10 +13,14 @@ def test_help_lists_every_command():
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd", ["prepare"])
-def test_unbuilt_commands_say_so(cmd, capsys):
-    assert main([cmd]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_prepare_command_from_a_phenotype_table(tiny_cohort, tmp_path, capsys):
+    code = main(["prepare", "--phenotype", str(tiny_cohort.phenotype_csv), "--out",
+                 str(tmp_path / "recs"), "--tasks", "sex,age", "--study", "DEMO",
+                 "--image", f"T1={tiny_cohort.root}/images/{{subject}}_T1w.nii.gz"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sex_T1" in out and "age_T1" in out and "dataset.T1.data_root=" in out
+    assert (tmp_path / "recs" / "prepare_summary.json").is_file()
 
 
 def test_train_reports_config_errors(tmp_path, capsys):
@@ -25,6 +29,11 @@ def test_train_reports_config_errors(tmp_path, capsys):
     assert main(["train", "-c", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "trainng" in err and "training" in err
+
+
+def test_ask_needs_a_question(tmp_path, capsys):
+    assert main(["ask", "--model", str(tmp_path), "--image", "T1=x.nii.gz"]) == 1
+    assert "--interactive" in capsys.readouterr().err
 
 
 def test_ask_rejects_bad_image_argument(tmp_path, capsys):
@@ -73,3 +82,20 @@ def test_validate_command_clean_then_broken(tiny_config, tiny_records, tmp_path,
     assert code == 1
     assert "malformed_json" in out and "duplicate_id" in out and "missing_file" in out
     assert (tmp_path / "report.json").is_file()
+
+
+def test_train_evaluate_ask_from_the_command_line(tiny_config, tiny_cohort, tmp_path, capsys):
+    from umbrella.config import save_config
+
+    save_config(tiny_config("training.max_steps=4"), tmp_path / "c.yaml")
+    assert main(["train", "-c", str(tmp_path / "c.yaml"), "--quiet"]) == 0
+    run_dir = next((tmp_path / "runs").glob("*/seed_0"))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run_dir), "--quiet", "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "sex" in out and (run_dir / "evaluation_test" / "metrics.json").is_file()
+    png = tmp_path / "slices.png"
+    scan = tiny_cohort.root / tiny_cohort.subjects[0].t1_path
+    assert main(["ask", "--model", str(run_dir), "--image", f"T1={scan}",
+                 "What is the sex of this subject?", "--show", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

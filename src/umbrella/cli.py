@@ -15,7 +15,7 @@ from pathlib import Path
 
 from umbrella.errors import NotImplementedYet, UmbrellaError
 
-_LATER = {"prepare": "phenotype table -> records"}
+_LATER: dict[str, str] = {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,9 +29,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="60 subjects, 48³ volumes: a smoke run")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
-    for name, text in _LATER.items():
-        s = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        s.add_argument("rest", nargs=argparse.REMAINDER)
+    p_ = sub.add_parser("prepare", help="phenotype table + images -> instruction records")
+    p_.add_argument("--phenotype", required=True, help="CSV or TSV, one row per subject")
+    p_.add_argument("--out", required=True, help="folder for the records, splits and summary")
+    p_.add_argument("--tasks", required=True,
+                    help="comma list: sex, age, bmi, diagnosis, compare_sex, compare_age, or a column")
+    p_.add_argument("--study", required=True, help="ABCD, UKB, HCP, HBN, ABIDE or your own name")
+    p_.add_argument("--image", action="append", default=[], metavar="MODALITY=PATTERN",
+                    help="path pattern with {subject}, e.g. T1=derivatives/{subject}/T1w.nii.gz")
+    p_.add_argument("--bids", help="a BIDS dataset: sub-*/anat/*_T1w, func/*_bold, dwi/*_dwi")
+    p_.add_argument("--subject-column", help="default: the study's (e.g. src_subject_id for ABCD)")
+    p_.add_argument("--ratios", default="0.7,0.15,0.15", help="train,val,test (default 0.7,0.15,0.15)")
+    p_.add_argument("--seed", type=int, default=12345)
+    p_.add_argument("--column", action="append", default=[], metavar="TASK=COLUMN",
+                    help="phenotype column of a task, e.g. diagnosis=DX_GROUP")
+    p_.add_argument("--age-unit", choices=["years", "months"], help="override the study's unit")
 
     v = sub.add_parser("validate", help="check every record and referenced file before training")
     v.add_argument("-c", "--config", help="YAML config: its records files and data roots")
@@ -61,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-c", "--config", help="config naming the records (default: the run's)")
     e.add_argument("--split", help="split to evaluate (default: evaluation.split)")
     e.add_argument("--out", help="output folder (default: <run>/evaluation_<split>)")
+    e.add_argument("--constrained", action="store_true",
+                   help="regression: decode only digits, '.' and the unit")
+    e.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -69,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--image", action="append", required=True, metavar="MODALITY=PATH",
                    help="a scan, e.g. T1=sub-01_T1w.nii.gz (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("question")
+    a.add_argument("--show", metavar="PNG", help="also write orthogonal slices + answer to PNG")
+    a.add_argument("--interactive", action="store_true",
+                   help="keep the model loaded and ask several questions (empty line ends)")
+    a.add_argument("question", nargs="?", help="the question (not needed with --interactive)")
     return p
 
 
@@ -155,31 +173,70 @@ def _cmd_evaluate(args) -> int:
     run_dir = model_dir.parent
     cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
     split = args.split or cfg.evaluation.split
-    records = by_split(load_config_records(cfg)).get(split)
+    splits = by_split(load_config_records(cfg))
+    records = splits.get(split)
     if not records:
         raise UmbrellaError(f"no records in split {split!r}; pick another with --split")
     out = Path(args.out) if args.out else run_dir / f"evaluation_{split}"
     result = evaluate_records(model_dir, records, out, split=split, scoring=cfg.evaluation.scoring,
                               batch_size=cfg.evaluation.batch_size,
                               max_new_tokens=cfg.evaluation.max_new_tokens, run_dir=run_dir,
-                              progress=not args.quiet)
+                              progress=not args.quiet, baseline_records=splits.get("train"),
+                              constrained=args.constrained, bootstrap=args.bootstrap,
+                              windows=cfg.dataset.rsfMRI.eval_windows)
     print(metrics_table(result.metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
     return 0
 
 
 def _cmd_ask(args) -> int:
-    from umbrella.inference import BrainAssistant
+    from umbrella.inference import BrainAssistant, interactive
 
     images = [_pair(item, "--image", "T1=scan.nii.gz (MODALITY=PATH)") for item in args.image]
-    print(BrainAssistant(args.model).ask(args.question, images, args.max_new_tokens))
+    if not args.interactive and not args.question:
+        raise UmbrellaError("give a question, or --interactive")
+    assistant = BrainAssistant(args.model)
+    if args.interactive:
+        interactive(assistant, images, max_new_tokens=args.max_new_tokens,
+                    show_dir=Path(args.show).parent if args.show else None)
+        return 0
+    answer = assistant.ask(args.question, images, args.max_new_tokens)
+    print(answer)
+    if args.show:
+        print(f"slices: {assistant.show(args.question, images, answer, args.show)}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from umbrella.tasks.prepare import prepare
+
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(","))
+    except ValueError as exc:
+        raise UmbrellaError(f"--ratios {args.ratios!r} must be three numbers, e.g. 0.7,0.15,0.15") from exc
+    images = dict(_pair(i, "--image", "T1=derivatives/{subject}/T1w.nii.gz") for i in args.image)
+    columns = dict(_pair(c, "--column", "diagnosis=DX_GROUP") for c in args.column)
+    summary = prepare(Path(args.phenotype), Path(args.out),
+                      tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+                      images=images or None, bids_root=Path(args.bids) if args.bids else None,
+                      study=args.study, subject_column=args.subject_column, ratios=ratios,
+                      seed=args.seed, columns=columns or None, age_unit=args.age_unit)
+    print(f"records written to {args.out}:")
+    for name, path in summary.files.items():
+        print(f"  {name}: {path}  {summary.records.get(name, {})}")
+    print(f"subjects per split: {summary.subjects}")
+    for reason, count in sorted(summary.skipped.items()):
+        print(f"  skipped {count}: {reason}")
+    for modality, root in summary.data_roots.items():
+        print(f"set dataset.{modality}.data_root={root}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "validate": _cmd_validate, "cache": _cmd_cache, "train": _cmd_train,
+    handlers = {"demo": _cmd_demo, "prepare": _cmd_prepare, "validate": _cmd_validate,
+                "cache": _cmd_cache, "train": _cmd_train,
                 "evaluate": _cmd_evaluate, "ask": _cmd_ask}
     try:
         if args.command in _LATER:
