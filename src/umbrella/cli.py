@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--subjects", type=int, default=200, help="cohort size (default: 200)")
     d.add_argument("--quick", action="store_true", help="60 subjects, 48³ volumes: a smoke run")
+    d.add_argument("--modalities", default="T1",
+                   help="comma list of T1, rsfMRI, dMRI (default T1); one model learns them all")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     p_ = sub.add_parser("prepare", help="phenotype table + images -> instruction records")
@@ -94,11 +96,12 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_demo(args) -> int:
     from umbrella.demo.run import run_demo
 
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     n, size, patch = (60, 48, 8) if args.quick else (args.subjects, 96, 16)
     result = run_demo(args.out, seed=args.seed, n_subjects=n, image_size=size, patch=patch,
-                      overrides=args.overrides)
-    acc = result.metrics["tasks"]["sex"]
-    print(f"held-out T1 sex accuracy: {acc['n_correct']}/{acc['n']} = {acc['accuracy']:.3f}")
+                      overrides=args.overrides, modalities=modalities)
+    for modality, m in result.per_modality.items():
+        print(f"held-out {modality} sex accuracy: {m['n_correct']}/{m['n']} = {m['accuracy']:.3f}")
     return 0
 
 

@@ -23,6 +23,12 @@ All geometric terms are composed into one coordinate map and applied with a sing
 ``scipy.ndimage.map_coordinates(order=1)`` call. Each subject is drawn from
 ``np.random.SeedSequence([seed, subject_index])``, so images do not depend on worker count or
 order. Images are written as int16 NIfTI with scl_slope/scl_inter (readers must apply them).
+
+``modalities=("T1", "rsfMRI", "dMRI")`` adds, per subject, an rsfMRI run (4D, BOLD-like networks
+with a planted sex difference in DMN-FPN connectivity) and a dMRI FA-like map, both built on the
+same subject's anatomy (so the sex -> brain-scale effect is present too), plus dipy's small real
+DWI series for the tensor-fit path; see :mod:`umbrella.demo.modalities`. The default (T1 only)
+writes exactly what it always did, and its manifest keeps its original parameters.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +78,12 @@ class DemoSubject:
     sex: str  # "male" | "female"
     age: float  # years, 1 decimal
     t1_path: str  # path RELATIVE to the cohort root, e.g. "images/sub-0001_T1w.nii.gz"
+    rsfmri_path: str = ""  # "rsfmri/sub-0001_bold.nii.gz" (or a frame folder); "" if not built
+    dmri_path: str = ""  # "dwi/sub-0001_FA.nii.gz"; "" if not built
+
+    def path(self, modality: str) -> str:
+        """This subject's image of ``modality`` (relative to the cohort root)."""
+        return {"T1": self.t1_path, "rsfMRI": self.rsfmri_path, "dMRI": self.dmri_path}[modality]
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class DemoCohort:
     root: Path
     phenotype_csv: Path  # columns: subject_id, sex, age, study  (study = "DEMO")
     subjects: tuple[DemoSubject, ...]
+    modalities: tuple[str, ...] = ("T1",)
+    real_dwi: dict | None = None  # {"path", "bval", "bvec"} relative to root (dMRI cohorts)
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,8 @@ class _Template:
     gm: np.ndarray  # float32 GM probability, 0 outside the brain
     inv_affine: np.ndarray  # world mm -> template voxel
     csf_level: float  # CSF intensity on the same scale as t1
+    wm: np.ndarray | None = None  # float32 WM probability, 0 outside the brain
+    mask: np.ndarray | None = None  # bool brain mask
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,9 @@ _TEMPLATE: _Template | None = None
 
 def planted_effects() -> dict:
     """Describe the planted effects (words and numbers) for reports."""
-    return {
+    from umbrella.demo.modalities import planted_effects as session_effects
+
+    return session_effects() | {
         "sex": {"effect": "global brain scale about the field-of-view centre",
                 "male_scale": "1 + sex_scale", "female_scale": "1 - sex_scale",
                 "per_subject_jitter": f"N(1, {SCALE_JITTER_SD})",
@@ -142,7 +160,8 @@ def _load_template() -> _Template:
     csf_level = float(np.median(t1[csf])) / wm_level
     t1 = np.where(mask, t1 / wm_level, 0.0).astype(np.float32)
     gm = np.where(mask, gm, 0.0).astype(np.float32)
-    return _Template(t1, gm, np.linalg.inv(t1_img.affine), csf_level)
+    wm = np.where(mask, wm, 0.0).astype(np.float32)
+    return _Template(t1, gm, np.linalg.inv(t1_img.affine), csf_level, wm, mask)
 
 
 def _set_template(template: _Template) -> None:
@@ -256,18 +275,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _write_subject(job: _Job) -> str:
-    """Synthesize one subject and write it atomically as int16 NIfTI; returns the path."""
+def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | None = None) -> None:
+    """Write a 3D volume or a 4D run (``tr`` seconds per frame) as int16 NIfTI with scl_slope,
+    atomically (temporary name in the same folder, then rename)."""
     import nibabel as nib
 
-    vol = synthesize_subject(job)
-    img = nib.Nifti1Image(vol, output_affine(job.image_size, job.voxel_mm))
+    img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(np.int16)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm")
+    if tr is None:
+        img.header.set_xyzt_units("mm")
+    else:
+        img.header.set_xyzt_units("mm", "sec")
+        img.header.set_zooms((*img.header.get_zooms()[:3], float(tr)))
     img.header["descrip"] = b"umbrella demo cohort"
-    final = Path(job.path)
     tmp = final.with_name(f".{final.name[:-7]}.{os.getpid()}.tmp.nii.gz")
     try:
         nib.save(img, tmp)
@@ -275,22 +297,41 @@ def _write_subject(job: _Job) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_subject(job: _Job) -> str:
+    """Synthesize one subject and write it atomically as int16 NIfTI; returns the path."""
+    _save_int16(synthesize_subject(job), output_affine(job.image_size, job.voxel_mm),
+                Path(job.path))
     return job.path
 
 
-def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> None:
+def _write_job(job) -> str:
+    """A T1 ``_Job`` or an rsfMRI/dMRI ``SessionJob`` -> its file (picklable for the pool)."""
+    if isinstance(job, _Job):
+        return _write_subject(job)
+    from umbrella.demo.modalities import write_session
+
+    return write_session(job)
+
+
+def _run_jobs(jobs: list, workers: int, progress: bool, desc: str = "demo cohort") -> None:
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(jobs), desc="demo cohort", disable=not progress) as bar:
+    if any(not isinstance(job, _Job) for job in jobs):  # built once here; fork workers inherit
+        from umbrella.demo.modalities import template_maps
+
+        template_maps()
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
                 with _write_errors(job):
-                    _write_subject(job)
+                    _write_job(job)
                 bar.update()
             return
         with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_set_template,
                                  initargs=(_template(),)) as pool:
-            futures = {pool.submit(_write_subject, job): job for job in jobs}
+            futures = {pool.submit(_write_job, job): job for job in jobs}
             try:
                 for fut in as_completed(futures):
                     with _write_errors(futures[fut]):
@@ -310,7 +351,7 @@ def _mp_context():
 
 
 @contextmanager
-def _write_errors(job: _Job):
+def _write_errors(job):
     """Turn an OSError while writing one image into a VolumeError naming the file."""
     try:
         yield
@@ -321,8 +362,9 @@ def _write_errors(job: _Job):
 
 # ----------------------------------------------------------------------------- cohort
 
-def _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers) -> tuple[int, int, int]:
-    problems = []
+def _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers,
+              extra: Sequence[str] = ()) -> tuple[int, int, int]:
+    problems = list(extra)
     if not isinstance(n_subjects, int) or isinstance(n_subjects, bool) or n_subjects < 2:
         problems.append(f"n_subjects must be an integer >= 2, got {n_subjects!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -341,6 +383,22 @@ def _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers) -> tup
     return tuple(int(n) for n in size)
 
 
+def normalize_modalities(modalities) -> tuple[tuple[str, ...], list[str]]:
+    """("rsfMRI", "T1") or "T1,rsfMRI" -> (("T1", "rsfMRI"), problems): canonical order
+    T1, rsfMRI, dMRI, duplicates dropped; T1 is always built (the other sessions reuse its
+    anatomy, and records may still leave it out)."""
+    from umbrella.demo.modalities import MODALITIES
+
+    items = modalities.split(",") if isinstance(modalities, str) else modalities
+    if not isinstance(items, Sequence) or not all(isinstance(m, str) for m in items):
+        return ("T1",), [f"modalities must be a list of names from {MODALITIES}, "
+                         f"got {modalities!r}"]
+    names = [m.strip() for m in items if m.strip()]
+    unknown = [m for m in names if m not in MODALITIES]
+    problems = [f"unknown modality {m!r}: choose from {', '.join(MODALITIES)}" for m in unknown]
+    return tuple(m for m in MODALITIES if m == "T1" or m in names), problems
+
+
 def _draw_phenotypes(n_subjects: int, seed: int) -> list[DemoSubject]:
     """Exactly balanced sex (one extra, drawn, when n is odd) and age ~ U[20, 80], 1 decimal."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xC0,)))
@@ -353,6 +411,18 @@ def _draw_phenotypes(n_subjects: int, seed: int) -> list[DemoSubject]:
     return [DemoSubject(f"sub-{i + 1:0{width}d}", sex, float(age),
                         f"images/sub-{i + 1:0{width}d}_T1w.nii.gz")
             for i, (sex, age) in enumerate(zip(sexes, ages, strict=True))]
+
+
+def _with_sessions(subjects: list[DemoSubject], modalities: tuple[str, ...],
+                   fmri) -> tuple[DemoSubject, ...]:
+    """Fill in the rsfMRI/dMRI paths of the modalities that are built."""
+    from umbrella.demo.modalities import session_path
+
+    n = len(subjects)
+    return tuple(replace(s, **{field: session_path(s.subject_id, i, n, m, fmri)
+                               for m, field in (("rsfMRI", "rsfmri_path"), ("dMRI", "dmri_path"))
+                               if m in modalities})
+                 for i, s in enumerate(subjects))
 
 
 def _phenotype_text(subjects: Sequence[DemoSubject]) -> str:
@@ -379,50 +449,133 @@ def _read_manifest(root: Path) -> dict | None:
     return data
 
 
-def _reusable(root: Path, manifest: dict | None, params: dict) -> tuple[DemoSubject, ...] | None:
+_BASE_KEYS = ("n_subjects", "seed", "image_size", "voxel_mm", "sex_scale", "generator_version",
+              "umbrella_version")
+
+
+def _present(root: Path, rel: str, n_frames: int) -> bool:
+    path = root / rel
+    if rel.startswith("rsfmri/") and not rel.endswith(".nii.gz"):  # frame folder
+        return all((path / name).is_file()
+                   for name in ("frame_0.pt", f"frame_{n_frames - 1}.pt", "global_stats.pt"))
+    return path.is_file()
+
+
+def _part_files(subjects, modality: str, real_dwi: dict | None) -> list[str]:
+    files = [s.path(modality) for s in subjects]
+    if modality == "T1":
+        files.append(PHENOTYPE)
+    if modality == "dMRI" and real_dwi:
+        files += [real_dwi[k] for k in ("path", "bval", "bvec")]
+    return files
+
+
+def _reusable_parts(root: Path, manifest: dict | None, params: dict, subjects,
+                    real_dwi: dict | None) -> set[str]:
+    """Modalities whose files a previous build with the same settings left complete."""
+    old = manifest.get("parameters") if manifest else None
+    if not isinstance(old, dict) or any(old.get(k) != params[k] for k in _BASE_KEYS):
+        return set()
+    built = old.get("modalities", ["T1"])
+    n_frames = params.get("rsfMRI", {}).get("n_frames", 0)
+    return {m for m in params.get("modalities", ["T1"])
+            if m in built and old.get(m) == params.get(m)
+            and all(_present(root, f, n_frames) for f in _part_files(subjects, m, real_dwi))}
+
+
+def _unchanged(manifest: dict | None, params: dict, subjects) -> bool:
     if manifest is None or manifest.get("parameters") != params:
-        return None
+        return False
     try:
-        subjects = tuple(DemoSubject(**s) for s in manifest["subjects"])
+        return tuple(DemoSubject(**s) for s in manifest["subjects"]) == subjects
     except (KeyError, TypeError):
-        return None
-    files = [root / PHENOTYPE] + [root / s.t1_path for s in subjects]
-    return subjects if all(f.is_file() for f in files) else None
+        return False
 
 
 def build_demo_cohort(out_dir, n_subjects: int = 200, *, seed: int = 0,
                       image_size=(96, 96, 96), voxel_mm: float = 2.1,
-                      sex_scale: float = 0.05, workers: int = 2, progress: bool = True) -> DemoCohort:
+                      sex_scale: float = 0.05, workers: int = 2, progress: bool = True,
+                      modalities=("T1",), rsfmri=None, dmri=None) -> DemoCohort:
     """Build (or reuse) the demo cohort under ``out_dir``; see the module docstring for effects.
 
     Writes ``images/sub-XXXX_T1w.nii.gz``, ``phenotype.csv`` and, last, ``cohort.json``.
-    An existing cohort with identical parameters and all files present is reused untouched.
+    ``modalities`` adds rsfMRI runs (``rsfmri/``) and dMRI FA maps plus dipy's real DWI series
+    (``dwi/``), configured by ``rsfmri`` (:class:`~umbrella.demo.modalities.FmriSettings`) and
+    ``dmri`` (:class:`~umbrella.demo.modalities.DmriSettings`); see that module for their effects.
+    An existing cohort with identical parameters and all files present is reused untouched; when
+    only the set of modalities or one modality's settings changed, the complete parts are kept.
     """
     import umbrella
+    from umbrella.demo.modalities import REAL_DWI, DmriSettings, FmriSettings
 
-    size = _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers)
+    fmri, dmri = rsfmri or FmriSettings(), dmri or DmriSettings()
+    mods, problems = normalize_modalities(modalities)
+    problems += (fmri.problems() if "rsfMRI" in mods else []) + \
+        (dmri.problems() if "dMRI" in mods else [])
+    size = _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers, problems)
     root = Path(out_dir).resolve()
     params = {"n_subjects": n_subjects, "seed": seed, "image_size": list(size),
               "voxel_mm": float(voxel_mm), "sex_scale": float(sex_scale),
               "generator_version": GENERATOR_VERSION, "umbrella_version": umbrella.__version__}
+    if mods != ("T1",):  # a T1-only manifest keeps its original form
+        params["modalities"] = list(mods)
+        params |= {m: {"rsfMRI": fmri, "dMRI": dmri}[m].to_dict() for m in mods[1:]}
+    subjects = _with_sessions(_draw_phenotypes(n_subjects, seed), mods, fmri)
+    real = {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} \
+        if "dMRI" in mods and dmri.real_dwi else None
     manifest = _read_manifest(root) if root.is_dir() else None
-    subjects = _reusable(root, manifest, params)
-    if subjects is None:
-        subjects = tuple(_draw_phenotypes(n_subjects, seed))
-        _generate(root, subjects, params, stale_manifest=manifest is not None, workers=workers,
-                  progress=progress)
-    return DemoCohort(root=root, phenotype_csv=root / PHENOTYPE, subjects=subjects)
+    keep = _reusable_parts(root, manifest, params, subjects, real)
+    if keep != set(mods) or not _unchanged(manifest, params, subjects):
+        _generate(root, subjects, params, [m for m in mods if m not in keep],
+                  stale_manifest=manifest is not None, workers=workers, progress=progress,
+                  settings={"rsfMRI": fmri, "dMRI": dmri})
+    return DemoCohort(root=root, phenotype_csv=root / PHENOTYPE, subjects=subjects,
+                      modalities=mods, real_dwi=real)
 
 
-def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, *,
-              stale_manifest: bool, workers: int, progress: bool) -> None:
-    (root / "images").mkdir(parents=True, exist_ok=True)
+def _jobs(root: Path, subjects, params: dict, todo: list[str], settings: dict) -> list:
+    from umbrella.demo.modalities import SessionJob
+
+    seed, scale = params["seed"], params["sex_scale"]
+    jobs: list = []
+    for m in ("rsfMRI", "T1", "dMRI"):  # the heaviest first: better balanced workers
+        if m not in todo:
+            continue
+        if m == "T1":
+            jobs += [_Job(i, seed, s.sex, s.age, tuple(params["image_size"]), params["voxel_mm"],
+                          scale, str(root / s.t1_path)) for i, s in enumerate(subjects)]
+            continue
+        cfg = settings[m]
+        extra = {"n_frames": cfg.n_frames, "tr": float(cfg.tr)} if m == "rsfMRI" else {}
+        for i, s in enumerate(subjects):
+            rel = s.path(m)
+            jobs.append(SessionJob(m, i, seed, s.sex, s.age, scale, tuple(cfg.image_size),
+                                   float(cfg.voxel_mm), str(root / rel),
+                                   frame_folder=not rel.endswith(".nii.gz"), **extra))
+    return jobs
+
+
+def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo: list[str], *,
+              stale_manifest: bool, workers: int, progress: bool, settings: dict) -> None:
+    from umbrella.demo.modalities import REAL_DWI, copy_real_dwi
+
+    root.mkdir(parents=True, exist_ok=True)
     if stale_manifest:  # ours (checked); drop it first so a crash cannot leave it describing new files
         (root / MANIFEST).unlink(missing_ok=True)
-    jobs = [_Job(i, params["seed"], s.sex, s.age, tuple(params["image_size"]), params["voxel_mm"],
-                 params["sex_scale"], str(root / s.t1_path)) for i, s in enumerate(subjects)]
-    _run_jobs(jobs, workers, progress)
+    for m, folder in (("T1", "images"), ("rsfMRI", "rsfmri"), ("dMRI", "dwi")):
+        if m in todo:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(root, subjects, params, todo, settings)
+    _run_jobs(jobs, workers, progress, desc=f"demo cohort ({', '.join(todo)})" if todo
+              else "demo cohort")
+    real = "dMRI" in params.get("modalities", ()) and settings["dMRI"].real_dwi
+    if real and "dMRI" in todo:
+        copy_real_dwi(root)
     _atomic_write_text(root / PHENOTYPE, _phenotype_text(subjects))
     manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": planted_effects(),
                 "subjects": [asdict(s) for s in subjects]}
+    if real:
+        manifest["real_dwi"] = {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} | {
+            "source": f"dipy.data.get_fnames(name={REAL_DWI['name']!r})",
+            "note": "real scan of an unknown subject: never labelled"}
     _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
