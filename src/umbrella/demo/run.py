@@ -196,11 +196,13 @@ def run_demo(out: str | Path = "umbrella-demo", *, seed: int = 0, n_subjects: in
     trained = train(cfg, progress=progress)
     log(f"      trained in {trained.seconds:.0f} s, mean training loss {trained.train_loss:.3f}")
     log(f"[3/5] evaluating on the held-out '{cfg.evaluation.split}' split")
-    test = by_split(load_config_records(cfg)).get(cfg.evaluation.split, [])
+    splits = by_split(load_config_records(cfg))
+    test = splits.get(cfg.evaluation.split, [])
     result = evaluate_records(trained.model_dir, test, trained.run_dir / "evaluation",
                               split=cfg.evaluation.split, scoring=cfg.evaluation.scoring,
                               batch_size=cfg.evaluation.batch_size, run_dir=trained.run_dir,
-                              progress=progress)
+                              progress=progress, baseline_records=splits.get("train"),
+                              windows=cfg.dataset.rsfMRI.eval_windows)
     log(metrics_table(result.metrics))
     per_modality = per_modality_accuracy(result.metrics, result.predictions, used)
     log(_accuracy_line(per_modality))
