@@ -30,10 +30,8 @@ from umbrella.data.volumes import (
     VolumeSpec,
     _check_values,
     brain_mask,
-    fit_to_shape,
-    normalize_intensity,
+    finish_volume,
     preprocess_volume,
-    resample_to_spacing,
 )
 from umbrella.errors import VolumeError
 
@@ -213,12 +211,4 @@ def preprocess_dmri(path: str | Path, spec: VolumeSpec, *, kind: str = "FA",
     _check_values(data, lambda message, fix: VolumeError(
         f"{kind} map: {message}", path=path, record_id=record_id,
         fix="the tensor fit found no usable brain voxels; check the series and its b-values"))
-    if spec.voxel_size is not None:
-        try:
-            data = resample_to_spacing(data, affine, spec.voxel_size)
-        except ValueError as exc:
-            raise VolumeError(str(exc), path=path, record_id=record_id,
-                              fix="check VolumeSpec.voxel_size and the file's header") from exc
-    data = fit_to_shape(data, spec.image_size, spec.spatial)
-    data = normalize_intensity(data, spec.normalize, spec.percentiles)
-    return np.ascontiguousarray(data, dtype=np.float32)
+    return finish_volume(data, affine, spec, path=path, record_id=record_id)

@@ -28,15 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-from nibabel.spatialimages import SpatialImage
 
 from umbrella.data.volumes import (
-    _CORRUPT_FIX,
-    _READ_ERRORS,
     _check_values,
     brain_mask,
+    read_canonical,
     resample_to_spacing,
 )
 from umbrella.errors import VolumeError
@@ -180,29 +177,8 @@ def _read_nifti_4d(path: Path, record_id: str | None) -> tuple[np.ndarray, np.nd
     if not path.is_file():
         raise fail("not a regular file or folder",
                    "point the record at a 4D NIfTI or a frame folder")
-    try:
-        img = nib.load(path)
-    except _READ_ERRORS as exc:
-        raise fail(f"cannot read as NIfTI ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
-    if not isinstance(img, SpatialImage):
-        raise fail(f"{type(img).__name__} is not a volumetric image", "point the record at a 4D "
-                   "NIfTI (X, Y, Z, T)")
-    shape = tuple(img.shape)
-    if 0 in shape:
-        raise fail(f"image has a zero-size dimension, shape {shape}",
-                   "the file holds no voxels; re-convert it or drop the record")
-    if len(shape) < 4 or any(n != 1 for n in shape[4:]):
-        raise fail(f"expected a 4D run (X, Y, Z, T), got shape {shape}",
-                   "a 3D volume belongs to the T1/dMRI sections; for rsfMRI give the whole 4D "
-                   "series or a frame folder")
-    try:
-        canonical = nib.as_closest_canonical(img)
-        data = canonical.get_fdata(dtype=np.float32)
-    except _READ_ERRORS as exc:
-        raise fail(f"cannot read voxel data ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
-    data = data.reshape(data.shape[:4])
-    _check_values(data, fail)
-    return data, np.asarray(canonical.affine, dtype=np.float64)
+    return read_canonical(path, 4, fail, "a 3D volume belongs to the T1/dMRI sections; for "
+                          "rsfMRI give the whole 4D series or a frame folder")
 
 
 def _frame_files(folder: Path, fail) -> list[Path]:

@@ -116,28 +116,34 @@ def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.nd
     if not path.is_file():
         raise fail("file not found" if not path.exists() else "not a regular file",
                    "check the image path in the record and the modality's data root")
+    return read_canonical(path, 3, fail, "select one 3D volume, e.g. nibabel "
+                          "`img.slicer[..., 0]` or `fslroi`, or use the modality's 4D loader")
+
+
+def read_canonical(path: Path, ndim: int, fail, dims_fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """An existing NIfTI of ``ndim`` dims (trailing singleton dims squeezed) -> RAS+ canonical
+    float32 data with scaling applied, and its affine. ``fail(message, fix)`` builds the error."""
     try:
         img = nib.load(path)
     except _READ_ERRORS as exc:
         raise fail(f"cannot read as NIfTI ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
     if not isinstance(img, SpatialImage):
         raise fail(f"{type(img).__name__} is not a volumetric image",
-                   "point the record at a 3D NIfTI volume")
+                   f"point the record at a {ndim}D NIfTI")
     shape = tuple(img.shape)
     if 0 in shape:
         raise fail(f"image has a zero-size dimension, shape {shape}",
                    "the file holds no voxels; re-convert it or drop the record")
-    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
-        raise fail(f"expected a 3D volume, got shape {shape}",
-                   "select one 3D volume, e.g. nibabel `img.slicer[..., 0]` or `fslroi`, "
-                   "or use the modality's 4D loader")
+    if len(shape) < ndim or any(n != 1 for n in shape[ndim:]):
+        kind = "3D volume" if ndim == 3 else "4D run (X, Y, Z, T)"
+        raise fail(f"expected a {kind}, got shape {shape}", dims_fix)
     _check_header(img, path, fail)
     try:
         canonical = nib.as_closest_canonical(img)
         data = canonical.get_fdata(dtype=np.float32)
     except _READ_ERRORS as exc:
         raise fail(f"cannot read voxel data ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
-    data = data.reshape(data.shape[:3])
+    data = data.reshape(data.shape[:ndim])
     _check_values(data, fail)
     return data, np.asarray(canonical.affine, dtype=np.float64)
 
@@ -265,6 +271,12 @@ def preprocess_volume(path: str | Path, spec: VolumeSpec, *,
                       record_id: str | None = None) -> np.ndarray:
     """File -> model input: C-contiguous float32 of shape ``spec.image_size`` (D, H, W), RAS+."""
     data, affine = read_nifti(path, record_id=record_id)
+    return finish_volume(data, affine, spec, path=path, record_id=record_id)
+
+
+def finish_volume(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, path=None,
+                  record_id: str | None = None) -> np.ndarray:
+    """(D, H, W) RAS+ data -> resampled to ``spec.voxel_size``, fitted, normalised float32."""
     if spec.voxel_size is not None:
         try:
             data = resample_to_spacing(data, affine, spec.voxel_size)
