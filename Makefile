@@ -32,3 +32,6 @@ lint: install
 
 clean-demo:
 	rm -rf umbrella-demo
+
+bench: install
+	$(PY) -m benchmarks.run_all

@@ -4,14 +4,23 @@ Presets are named functions over one builder (:func:`build_brain_llava`). Images
 grouped by modality; :class:`BrainLlavaForConditionalGeneration` runs each group through its own
 patch embedding and hands the projected features, in order of appearance, to LLaVA, which scatters
 them into the ``<image>`` placeholder positions (``mm_encoder_outputs``).
+
+Optional token pooling (``token_pool``, off by default): the tower's output tokens of each image are
+average-pooled over the spatial token grid before the projector, e.g. ``token_pool=2`` turns the
+6×6×6 = 216 tokens of a 96³ image with 16³ patches into 3×3×3 = 27. The pool is stored in the
+config (``vision_token_pool``), so a reloaded model pools the same way; prompts must then expand
+each ``<image>`` to :func:`pooled_tokens` of its modality (:func:`tokens_per_image` of the model).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -55,28 +64,76 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
     return replace(preset, **overrides)
 
 
+def token_grid(spec: dict) -> tuple[int, int, int, int]:
+    """(time blocks, D', H', W') of one image's tokens: the order in which the tower emits them
+    (time blocks outermost, then the 3D patch grid in C order). 3D modalities have 1 time block."""
+    size, patch = spec["image_size"], spec["patch_size"]
+    grid = tuple(s // p for s, p in zip(size[:3], patch[:3], strict=True))
+    blocks = size[3] // patch[3] if len(size) == 4 else 1
+    return (blocks, *grid)
+
+
+def normalize_token_pool(token_pool: int | Sequence[int] | None) -> tuple[int, int, int] | None:
+    """None for "no pooling" (None, 1 or (1, 1, 1)); else the (d, h, w) pooling window."""
+    if token_pool is None:
+        return None
+    pool = (token_pool,) * 3 if isinstance(token_pool, int) else tuple(token_pool)
+    if len(pool) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                 for k in pool):
+        raise ModelError(f"token_pool must be a positive integer or 3 of them (d, h, w), "
+                         f"got {token_pool!r}")
+    return None if pool == (1, 1, 1) else pool
+
+
+def pooled_tokens(spec: dict, token_pool: int | Sequence[int] | None = None,
+                  modality: str = "image") -> int:
+    """Visual tokens one image of geometry ``spec`` ({image_size, patch_size}) gives to the LLM
+    after ``token_pool``: the count each ``<image>`` must be expanded to. Raises ModelError when
+    the token grid is not a multiple of the pool, naming both."""
+    blocks, *grid = token_grid(spec)
+    pool = normalize_token_pool(token_pool)
+    if pool is None:
+        return blocks * math.prod(grid)
+    bad = [(g, k) for g, k in zip(grid, pool, strict=True) if g % k]
+    if bad:
+        raise ModelError(f"{modality}: the token grid {tuple(grid)} (image_size / patch_size) is "
+                         f"not a multiple of token_pool {pool}; change the pool, the patch size "
+                         "or the image size")
+    return blocks * math.prod(g // k for g, k in zip(grid, pool, strict=True))
+
+
 def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
-                      seed: int | None = None) -> BrainLlavaForConditionalGeneration:
-    """A randomly initialised BrainLlava for ``modalities`` ({name: {image_size, patch_size, ...}})."""
+                      seed: int | None = None, *,
+                      token_pool: int | Sequence[int] | None = None
+                      ) -> BrainLlavaForConditionalGeneration:
+    """A randomly initialised BrainLlava for ``modalities`` ({name: {image_size, patch_size, ...}}).
+
+    ``token_pool`` (default None: off): average-pool each image's tokens over the spatial token
+    grid by this window before the projector (2 -> 216 tokens become 27 at 96³ / patch 16).
+    """
     if cfg.base is not None:
         raise ModelError(f"model.base={cfg.base!r}: converting a pretrained LLaVA is not "
                          "implemented yet; leave model.base unset to build from model.preset")
+    pool = normalize_token_pool(token_pool)
     p = resolve_preset(cfg)
-    if seed is not None:
-        torch.manual_seed(seed)
     vision = BrainViTConfig(hidden_size=p.vision_hidden_size, intermediate_size=4 * p.vision_hidden_size,
                             num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
                             modalities=modalities)
+    for name, spec in vision.modalities.items():  # checked geometry; raises if the pool misfits
+        pooled_tokens(spec, pool, name)
+    if seed is not None:
+        torch.manual_seed(seed)
     text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=p.text_hidden_size,
                        intermediate_size=4 * p.text_hidden_size, num_hidden_layers=p.text_layers,
                        num_attention_heads=p.text_heads, num_key_value_heads=p.text_kv_heads,
                        max_position_embeddings=max(2048, cfg.max_length),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=None, tie_word_embeddings=False)
+    extra = {"vision_token_pool": list(pool)} if pool is not None else {}
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_select_strategy="full",
-                         vision_feature_layer=-1, tie_word_embeddings=False)
+                         vision_feature_layer=-1, tie_word_embeddings=False, **extra)
     model = BrainLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -84,7 +141,21 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
 
 
 def tokens_per_image(model, modality: str) -> int:
-    return model.config.vision_config.tokens_per_image(modality)
+    """Visual tokens one image of ``modality`` gives the LLM (after the model's token pooling)."""
+    spec = model.config.vision_config.modalities[modality]
+    return pooled_tokens(spec, getattr(model.config, "vision_token_pool", None), modality)
+
+
+def pool_tokens(features: torch.Tensor, spec: dict, pool: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N, C) tower tokens of one modality -> (B, N / prod(pool), C), averaged over each
+    ``pool`` window of the spatial token grid (time blocks are kept)."""
+    b, n, c = features.shape
+    blocks, gd, gh, gw = token_grid(spec)
+    if n != blocks * gd * gh * gw:
+        raise ModelError(f"{n} tower tokens do not match the token grid {(blocks, gd, gh, gw)}")
+    x = features.reshape(b * blocks, gd, gh, gw, c).permute(0, 4, 1, 2, 3)
+    x = F.avg_pool3d(x, kernel_size=pool, stride=pool)  # (B * blocks, C, gd', gh', gw')
+    return x.flatten(2).transpose(1, 2).reshape(b, -1, c)
 
 
 class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -104,16 +175,35 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def image_features(self, pixel_values: dict[str, torch.Tensor],
                        image_order: list[tuple[str, int]]) -> list[torch.Tensor]:
-        """One (N_modality, text_hidden) tensor per image, in ``image_order``."""
+        """One (N_modality, text_hidden) tensor per image, in ``image_order``; N_modality is
+        :func:`tokens_per_image` (after token pooling, when the config asks for it)."""
         cfg = self.config
         per_modality = {}
         for modality, pixels in pixel_values.items():
-            out = self.model.get_image_features(
-                pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                modality=modality)
-            per_modality[modality] = out.pooler_output
+            if self._token_pool() is None:
+                out = self.model.get_image_features(
+                    pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                    modality=modality)
+                per_modality[modality] = out.pooler_output
+            else:
+                per_modality[modality] = self._pooled_features(pixels, modality)
         return [per_modality[m][i] for m, i in image_order]
+
+    def _token_pool(self) -> tuple[int, int, int] | None:
+        return normalize_token_pool(getattr(self.config, "vision_token_pool", None))
+
+    def _pooled_features(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
+        """pixels (n, C, D, H, W[, T]) -> (n, pooled tokens, text_hidden): tower, selected
+        layer, average pooling over the token grid, projector."""
+        cfg = self.config
+        if cfg.vision_feature_select_strategy != "full" or not isinstance(cfg.vision_feature_layer, int):
+            raise ModelError("token pooling needs vision_feature_select_strategy='full' and one "
+                             "vision_feature_layer (a tower without a CLS token)")
+        tower = self.model.vision_tower(pixels, modality=modality, return_dict=True)
+        selected = tower.hidden_states[cfg.vision_feature_layer]
+        spec = cfg.vision_config.modalities[modality]
+        return self.model.multi_modal_projector(pool_tokens(selected, spec, self._token_pool()))
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor],
                       image_order: list[tuple[str, int]]) -> dict:
@@ -134,6 +224,10 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def forward(self, input_ids=None, pixel_values=None, image_order=None, attention_mask=None,
                 labels=None, mm_encoder_outputs=None, **kwargs):
         """input_ids (B, L) with every <image> already expanded to its modality's token count."""
+        if torch.is_tensor(pixel_values) and self._token_pool() is not None:
+            modality = self.model.vision_tower._pick_modality(None)  # plain LLaVA form: one modality
+            image_order = [(modality, i) for i in range(pixel_values.shape[0])]
+            pixel_values = {modality: pixel_values}
         if isinstance(pixel_values, dict):
             if image_order is None:
                 raise ModelError("pixel_values is a dict of modalities: pass image_order too")

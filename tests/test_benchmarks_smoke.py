@@ -1,0 +1,108 @@
+"""Every benchmark runs its smallest configuration and gives consistent results (no timing asserts).
+
+The benchmarks live in ``benchmarks/`` at the repository root (not installed), so the root is put
+on ``sys.path`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import (  # noqa: E402
+    collate_sampler,
+    common,
+    data_path,
+    loader_memory,
+    run_all,
+    train_step,
+)
+
+
+@pytest.fixture(scope="module")
+def opts(tmp_path_factory):
+    """Smoke options, run on one torch thread: torch was loaded before benchmarks.common could
+    make OpenMP wait passively, and spinning threads crawl on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield common.Options("smoke", 1, tmp_path_factory.mktemp("bench-work"), quiet=True, threads=1)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def payloads():
+    return []
+
+
+def _json_line(capsys) -> dict:
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_data_path_reads_the_same_window_every_way(opts, payloads, capsys):
+    out = data_path.run(opts)
+    assert _json_line(capsys)["benchmark"] == "data_path"
+    assert all(out["results"]["checks"].values()), out["results"]["checks"]
+    fm = out["results"]["rsfMRI"]
+    assert set(fm) >= {"cache (dataset)", "decode .nii.gz", "frame folder", "limit: numpy copy"}
+    assert fm["decode .nii.gz"]["speedup_vs_decode"] == pytest.approx(1.0)
+    assert fm["limit: numpy copy"]["times_the_limit"] == pytest.approx(1.0)
+    assert all(v["per_s"] > 0 for k, v in fm.items() if not k.startswith("_"))
+    payloads.append(out)
+
+
+def test_loader_memory_reads_every_subject_through_two_workers(opts, payloads, capsys):
+    out = loader_memory.run(opts, in_process=True)
+    _json_line(capsys)
+    res = out["results"]
+    assert res["every_sample_read_by_workers"]
+    small, large = (res["full epoch"]["runs"][str(n)][0] for n in (8, 24))
+    assert (small["samples"], large["samples"]) == (8, 24)
+    assert large["peak_total_rss_mb"] > 0 and large["peak_total_pss_mb"] > 0
+    same_work = res["first 2 batches"]["runs"]["24"][0]
+    assert same_work["samples"] == 8  # the small dataset's batches, read from the large one
+    assert "rss_growth_below_50mb" in res["targets"]
+    payloads.append(out)
+
+
+def test_train_step_speeds_and_demo_accuracy(opts, payloads, capsys):
+    out = train_step.run(opts, with_demo=True)
+    _json_line(capsys)
+    step = out["results"]["step"]
+    assert {n: r["tokens_per_image"] for n, r in step.items()} == {
+        "T1 (ours)": 8, "rsfMRI": 8, "rsfMRI, (T,D,H,W) memory": 8, "dMRI": 8,
+        "T1 original budget": 64, "T1 pool 2": 1}
+    assert step["T1 original budget"]["per_sample_speedup_vs_original"] == pytest.approx(1.0)
+    demo = out["results"]["demo"]
+    assert [demo[b]["tokens_per_image"] for b in ("ours", "original", "ours + pool 2")] == [8, 64, 1]
+    assert all(0 <= r["accuracy_final"] <= 1 and r["steps"] == 2 for r in demo.values())
+    payloads.append(out)
+
+
+def test_collate_matches_reference_and_sampler_runs(opts, payloads, capsys):
+    out = collate_sampler.run(opts)
+    _json_line(capsys)
+    res = out["results"]
+    assert all(res["checks"].values()), res["checks"]
+    assert res["loader_2_workers"]["brain_collator_s_per_batch"] > 0
+    assert set(res["sampler"]) >= {"ModalityBatchSampler proportional",
+                                   "torch BatchSampler(RandomSampler)"}
+    payloads.append(out)
+
+
+def test_run_all_collects_every_target(payloads):
+    targets, rows = run_all.summarize(payloads)
+    assert {"data_path.rsfmri_cache_vs_decode_at_least_20x", "loader_memory.rss_growth_below_50mb",
+            "train_step.default_budget_at_least_4x_faster_per_sample"} <= set(targets)
+    assert len(rows) == len(targets)
+    assert all(isinstance(t["met"], bool) for t in targets.values())
