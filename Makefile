@@ -22,10 +22,10 @@ demo: install
 	$(VENV)/bin/umbrella demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "not slow"
 
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check src tests

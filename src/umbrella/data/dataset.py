@@ -2,7 +2,8 @@
 
 One sample::
 
-    {"images": [(modality, tensor), ...]   # in order of appearance in the text
+    {"images": [(modality, tensor), ...]   # in order of appearance; float16 when read from the
+                                           # cache or memo (the collator casts), else float32
                                            # T1/dMRI (1, D, H, W); rsfMRI window (1, D, H, W, L)
      "input_ids": (L_text,) long, "attention_mask": (L_text,) long, "labels": (L_text,) long,
      "id", "subject_id", "study", "task", "metadata"}
@@ -64,6 +65,19 @@ class BadSamplePolicy:
                 f"{len(self.failed)} of {total} samples failed to load (over "
                 f"dataset.max_bad_fraction={self.max_fraction}); last: record {record_id!r}: {reason}"
                 + (f"; all failures are listed in {self.log_path}" if self.log_path else ""))
+
+
+def window_tensor(run: np.ndarray, start: int, spec) -> torch.Tensor:
+    """(T, D, H, W) run (a memmap from the cache, or an array) -> (1, D, H, W, L) window.
+
+    The frames are copied once, in the stored dtype and layout (contiguous in time-major order, a
+    single read from the mapped cache), and handed over as a permuted view; the collator's copy
+    into the batch makes it contiguous. Same values as :func:`fmri.take_window`.
+    """
+    if start < 0 or start + spec.window_span > run.shape[0]:
+        take_window(run, start, spec)  # raises with the frame numbers
+    frames = np.array(run[start:start + spec.window_span:spec.stride_within_seq])
+    return torch.from_numpy(frames).permute(1, 2, 3, 0)[None]
 
 
 class InstructionDataset(Dataset):
@@ -158,13 +172,13 @@ class InstructionDataset(Dataset):
         modality = self.inputs[rec.images[j].modality]
         array = self.load_array(rec, j)
         if modality.is_fmri:
-            array = take_window(array, self._window_start(index, j, array, modality), modality.spec)
-        else:
-            aug = self.augment.get(modality.modality)
-            if aug is not None:
-                seed = self._draw(index, j).integers(2**31)
-                array = aug(np.asarray(array, dtype=np.float32), int(seed))
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+            return window_tensor(array, self._window_start(index, j, array, modality), modality.spec)
+        aug = self.augment.get(modality.modality)
+        if aug is not None:
+            seed = self._draw(index, j).integers(2**31)
+            return torch.from_numpy(aug(np.asarray(array, dtype=np.float32), int(seed)))[None]
+        # one copy in the stored dtype (float16 from the cache or memo); the collator casts
+        return torch.from_numpy(np.array(array))[None]
 
     def scoring_sample(self, index: int) -> dict:
         """What scoring and generation need: images, the turns, and each image's token count."""

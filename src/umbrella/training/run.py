@@ -218,8 +218,10 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     trainer = UmbrellaTrainer(
         model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
         train_dataset=train_set, eval_dataset=val_set,
-        data_collator=BrainCollator(tokenizer.pad_token_id,
-                                    pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None),
+        data_collator=BrainCollator(
+            tokenizer.pad_token_id, pad_to_multiple_of=cfg.dataset.pad_to_multiple_of or None,
+            # on CPU images are cast to float32 while batching; a GPU gets float16 and casts there
+            image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
         temperature=cfg.dataset.temperature, part_metrics=parts)
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
