@@ -18,7 +18,9 @@ def _free_port() -> int:
 
 
 def test_ranks_on_different_modalities_match_single_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent))
+    # CPU (gloo) on purpose, also where a GPU is visible: two ranks cannot share one GPU
+    path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -35,7 +35,8 @@ def _two_modality_records(tiny_records: Path, out: Path) -> Path:
 
 
 def _torchrun(cfg_path: Path, tmp_path: Path, *overrides: str):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU (gloo) on purpose, also where a GPU is visible: two ranks cannot share one GPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "umbrella.cli",
            "train", "-c", str(cfg_path), "--quiet", *overrides]

@@ -1,7 +1,9 @@
 import json
 
+import pytest
 import torch
 
+from umbrella.errors import ConfigError
 from umbrella.model.build import load_brain_llava
 from umbrella.training.run import train
 
@@ -86,3 +88,16 @@ def test_pretrained_llava_base_is_converted_and_trained(tiny_config, tmp_path):
     assert original.shape == model.model.language_model.layers[0].mlp.up_proj.weight.shape
     hist = json.loads((result.run_dir / "log_history.json").read_text())
     assert len([h for h in hist if "loss" in h]) == 3
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
+    from umbrella.training import run as run_mod
+
+    monkeypatch.setattr(run_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run_mod.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 processes per node but 1 CUDA device.*"
+                                          r"--nproc_per_node 1"):
+        run_mod.check_devices()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    run_mod.check_devices()  # one rank per GPU is fine

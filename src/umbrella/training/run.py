@@ -140,6 +140,17 @@ def _precision(choice: str) -> dict:
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
+def check_devices() -> None:
+    """One GPU per process: more local ranks than visible CUDA devices is refused up front
+    (NCCL would stop at the first collective with 'Duplicate GPU detected')."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and torch.cuda.is_available() and torch.cuda.device_count() < local:
+        raise ConfigError(
+            f"{local} processes per node but {torch.cuda.device_count()} CUDA device(s) visible: "
+            f"launch with --nproc_per_node {torch.cuda.device_count()}, or train on CPU with "
+            "CUDA_VISIBLE_DEVICES= (gloo)")
+
+
 def _arguments(cfg: UmbrellaConfig, run_dir: Path, has_val: bool, progress: bool):
     t = cfg.training
     evaluate = has_val and t.eval_steps > 0
@@ -197,6 +208,7 @@ def _callbacks(cfg, model, encoder, train_set, val_set, run_dir):
 def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> TrainResult:
     """Train BrainLlava on the configured records; returns where the run and the model are."""
     start = time.time()
+    check_devices()
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
     set_seed(cfg.training.seed)
