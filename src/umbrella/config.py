@@ -90,6 +90,7 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     max_length: int = 1024  # longest tokenised conversation accepted (image tokens included)
+    token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
 
 
 @dataclass

@@ -16,8 +16,7 @@ from umbrella.data.fmri import FmriSpec
 from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record, load_records
 from umbrella.data.volumes import VolumeSpec
-from umbrella.errors import ConfigError, RecordError
-from umbrella.model.configuration_brain_vit import num_patches
+from umbrella.errors import ConfigError, ModelError, RecordError
 
 PREPROCESSING_FILE = "preprocessing.json"
 
@@ -60,12 +59,20 @@ def geometry(section: ModalityConfig, modality: str = "T1") -> dict:
     return {"in_channels": 1, "image_size": size, "patch_size": patch}
 
 
-def modality_input(modality: str, section: ModalityConfig) -> ModalityInput:
+def modality_input(modality: str, section: ModalityConfig, token_pool: int = 1) -> ModalityInput:
+    """What a model with this section's geometry needs: preprocessing spec and the visual tokens
+    each ``<image>`` expands to (after ``model.token_pool``)."""
+    from umbrella.model.build import pooled_tokens
+
     spec = fmri_spec(section) if modality == "rsfMRI" else volume_spec(section)
     try:
-        tokens = num_patches(_checked(modality, geometry(section, modality)))
+        geom = _checked(modality, geometry(section, modality))
     except ValueError as exc:
         raise ConfigError(f"dataset.{modality}: {exc}") from exc
+    try:
+        tokens = pooled_tokens(geom, token_pool, modality)
+    except ModelError as exc:
+        raise ConfigError(f"model.token_pool={token_pool}: {exc}") from exc
     return ModalityInput(modality, spec, tokens, section.dmri_map)
 
 
@@ -76,7 +83,7 @@ def _checked(modality: str, geom: dict) -> dict:
 
 
 def modality_inputs(cfg: UmbrellaConfig) -> dict[str, ModalityInput]:
-    return {m: modality_input(m, s) for m, s in cfg.dataset.enabled().items()}
+    return {m: modality_input(m, s, cfg.model.token_pool) for m, s in cfg.dataset.enabled().items()}
 
 
 def model_geometry(cfg: UmbrellaConfig) -> dict[str, dict]:

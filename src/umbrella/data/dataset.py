@@ -89,6 +89,7 @@ class InstructionDataset(Dataset):
         if windows not in WINDOW_MODES:
             raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
         self.encoder, self.inputs, self.cache, self.windows = encoder, inputs, cache, windows
+        self.cache_params = {m: inp.cache_params() for m, inp in inputs.items()}  # once, not per read
         self.augment, self.seed, self.epoch = augment or {}, seed, 0
         self.memo: dict[str, np.ndarray] | None = {} if memoize else None
         encoded = {r.id: self._encode(r, max_length) for r in records}
@@ -145,7 +146,7 @@ class InstructionDataset(Dataset):
         if self.cache is not None:
             from functools import partial
 
-            return self.cache.get_or_build(image.path, image.modality, modality.cache_params(),
+            return self.cache.get_or_build(image.path, image.modality, self.cache_params[image.modality],
                                            partial(modality.preprocess, image, rec.id),
                                            modality.extra_sources(image))
         key = str(image.path)

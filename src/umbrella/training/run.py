@@ -122,9 +122,12 @@ def make_model(cfg: UmbrellaConfig, train_records):
 
         dtype = getattr(torch, m.dtype) if m.dtype else None
         model, tokenizer, _ = convert_pretrained_llava(m.base, model_geometry(cfg), dtype=dtype)
+        if m.token_pool > 1:  # read by the model at every forward, saved with its config
+            model.config.vision_token_pool = [m.token_pool] * 3
     else:
         tokenizer = train_tokenizer(_tokenizer_corpus(train_records), m.vocab_size)
-        model = build_brain_llava(m, model_geometry(cfg), tokenizer, seed=cfg.training.seed)
+        model = build_brain_llava(m, model_geometry(cfg), tokenizer, seed=cfg.training.seed,
+                                  token_pool=m.token_pool)
     model = apply_trainable_policy(model, vision=m.train_vision, projector=m.train_projector,
                                    llm=m.train_llm, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
                                    lora_dropout=m.lora_dropout)
