@@ -20,6 +20,7 @@ from benchmarks import (  # noqa: E402
     collate_sampler,
     common,
     data_path,
+    gpu_step,
     loader_memory,
     run_all,
     train_step,
@@ -47,6 +48,20 @@ def _json_line(capsys) -> dict:
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert len(lines) == 1
     return json.loads(lines[0])
+
+
+def test_gpu_step_smoke_runs_every_variant(opts, capsys):
+    import torch
+
+    out = gpu_step.run(opts, batch=2)
+    assert _json_line(capsys)["benchmark"] == "gpu_step"
+    res = out["results"]
+    precisions = ("fp32", "bf16") if torch.cuda.is_available() else ("fp32",)
+    names = {f"{v} {p}" for v in ("T1", "rsfMRI", "dMRI", "T1 original budget") for p in precisions}
+    assert set(res) == names
+    assert res["T1 original budget fp32"]["x_vs_original_budget"] == pytest.approx(1.0)
+    assert res["T1 fp32"]["tokens_per_image"] < res["T1 original budget fp32"]["tokens_per_image"]
+    assert all(r["samples_per_s"] > 0 for r in res.values())
 
 
 def test_data_path_reads_the_same_window_every_way(opts, payloads, capsys):

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p_.add_argument("--study", required=True, help="ABCD, UKB, HCP, HBN, ABIDE or your own name")
     p_.add_argument("--image", action="append", default=[], metavar="MODALITY=PATTERN",
                     help="path pattern with {subject}, e.g. T1=derivatives/{subject}/T1w.nii.gz")
+    p_.add_argument("--image-root",
+                    help="folder that relative --image patterns start from (default: the "
+                         "phenotype table's folder)")
     p_.add_argument("--bids", help="a BIDS dataset: sub-*/anat/*_T1w, func/*_bold, dwi/*_dwi")
     p_.add_argument("--subject-column", help="default: the study's (e.g. src_subject_id for ABCD)")
     p_.add_argument("--ratios", default="0.7,0.15,0.15", help="train,val,test (default 0.7,0.15,0.15)")
@@ -223,7 +226,8 @@ def _cmd_prepare(args) -> int:
                       tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                       images=images or None, bids_root=Path(args.bids) if args.bids else None,
                       study=args.study, subject_column=args.subject_column, ratios=ratios,
-                      seed=args.seed, columns=columns or None, age_unit=args.age_unit)
+                      seed=args.seed, columns=columns or None, age_unit=args.age_unit,
+                      image_root=Path(args.image_root) if args.image_root else None)
     print(f"records written to {args.out}:")
     for name, path in summary.files.items():
         print(f"  {name}: {path}  {summary.records.get(name, {})}")

@@ -226,3 +226,21 @@ def test_property_no_subject_in_two_splits(table, seed):
         assert all(len(v) == 1 for v in seen.values())
         assert {s: v.pop() for s, v in seen.items()} == json.loads(summary.splits_file.read_text())
         assert summary.skipped.get("sex: unknown code", 0) == int((table["sex"] == "x").sum())
+
+
+def test_no_image_found_says_where_it_looked_and_image_root_fixes_it(tmp_path):
+    (tmp_path / "tables").mkdir()
+    pd.DataFrame({"src_subject_id": ["NDAR01", "NDAR02"], "sex": ["F", "M"]}).to_csv(
+        tmp_path / "tables" / "pheno.csv", index=False)
+    _touch_images(tmp_path, ["NDAR01", "NDAR02"])
+    with pytest.raises(ConfigError) as err:
+        prepare(tmp_path / "tables" / "pheno.csv", tmp_path / "out", tasks=["sex"],
+                images={"T1": "img/{subject}_T1w.nii.gz"}, study="ABCD")
+    msg = str(err.value)
+    assert "'src_subject_id' (first id 'NDAR01')" in msg
+    assert str(tmp_path / "tables" / "img" / "NDAR01_T1w.nii.gz") in msg and "image_root" in msg
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    summary = prepare(tmp_path / "tables" / "pheno.csv", tmp_path / "out", tasks=["sex"],
+                      images={"T1": "img/{subject}_T1w.nii.gz"}, study="ABCD",
+                      image_root=tmp_path)
+    assert len(_records(summary)) == 2

@@ -313,6 +313,22 @@ def find_images(subjects: list[str], *, images: dict[str, str] | None, bids_root
     return out, roots
 
 
+def _where_images_were_sought(subjects: list[str], images: dict[str, str] | None,
+                              bids_root: Path | None, root: Path, sid_col: str) -> str:
+    """What to check when no image matched: the first subject's looked-up paths."""
+    first = subjects[0] if subjects else "<none>"
+    parts = [f"subject column {sid_col!r} (first id {first!r})"]
+    for modality, pattern in (images or {}).items():
+        looked = Path(pattern.format(subject=first, label=_label_of(first)))
+        looked = looked if looked.is_absolute() else root / looked
+        parts.append(f"{modality} pattern {pattern!r} looked for {looked} (relative patterns "
+                     "start from the image root: the phenotype table's folder unless "
+                     "--image-root / image_root= is given)")
+    if bids_root is not None:
+        parts.append(f"BIDS root {bids_root} (sub-<label>/[ses-*/]anat|func|dwi)")
+    return "check " + "; ".join(parts)
+
+
 def _image_entry(modality: str, path: Path, root: Path) -> dict:
     path = Path(path).resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else path
@@ -499,8 +515,9 @@ def prepare(phenotype: Path, out_dir: Path, *, tasks: list[str],
     usable = sorted({s for g in targets.values() for s in g.values}
                     & {s for f in files.values() for s in f})
     if not usable:
-        raise ConfigError("no subject has both a usable phenotype value and an image; check the "
-                          "image pattern / BIDS root and the subject column", source="prepare")
+        raise ConfigError("no subject has both a usable phenotype value and an image; "
+                          + _where_images_were_sought(subjects, images, bids_root, root, sid_col),
+                          source="prepare")
     split = make_splits(usable, _strata(usable, targets, stratify), ratios, seed,
                         _read_splits(splits_file))
     pairs = {"k": questions_per_record, "per_subject": pairs_per_subject, "min_gap": min_age_gap}
