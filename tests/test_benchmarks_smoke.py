@@ -55,10 +55,10 @@ def test_gpu_step_smoke_runs_every_variant(opts, capsys):
 
     out = gpu_step.run(opts, batch=2)
     assert _json_line(capsys)["benchmark"] == "gpu_step"
-    res = out["results"]
+    res = out["results"]["step"]
     precisions = ("fp32", "bf16") if torch.cuda.is_available() else ("fp32",)
     names = {f"{v} {p}" for v in ("T1", "rsfMRI", "dMRI", "T1 original budget") for p in precisions}
-    assert set(res) == names
+    assert set(res) - {"rsfMRI bf16, via float32"} == names
     assert res["T1 original budget fp32"]["x_vs_original_budget"] == pytest.approx(1.0)
     assert res["T1 fp32"]["tokens_per_image"] < res["T1 original budget fp32"]["tokens_per_image"]
     assert all(r["samples_per_s"] > 0 for r in res.values())

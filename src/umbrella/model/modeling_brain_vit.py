@@ -42,6 +42,14 @@ class BrainPatchEmbedding(nn.Module):
         self.proj = nn.Conv3d(channels, hidden_size, kernel_size=patch[:3], stride=patch[:3])
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
 
+    def _compute_dtype(self, pixel_values: torch.Tensor) -> torch.dtype:
+        """The dtype the projection runs in: autocast's where it is on (float16 batches are cast
+        once, straight to bfloat16, not through float32), else the weights'."""
+        device = pixel_values.device.type
+        if device == "cuda" and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.proj.weight.dtype
+
     def _fold_time(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W, T) -> (B * T/pt, C * pt, D, H, W)."""
         b, c, d, h, w, t = x.shape
@@ -55,7 +63,7 @@ class BrainPatchEmbedding(nn.Module):
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
                              f"modality's (B, {', '.join(map(str, expected))})")
-        x = pixel_values.to(self.proj.weight.dtype)
+        x = pixel_values.to(self._compute_dtype(pixel_values))
         batch = x.shape[0]
         if self.time_patch is not None:
             x = self._fold_time(x)
