@@ -5,6 +5,7 @@ A kill at any point leaves either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -13,14 +14,24 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.cache
+def file_mode() -> int:
+    """0o666 minus the umask: the mode ``open()`` would give. ``mkstemp`` makes 0600 files, which
+    collaborators on a shared cluster could not read."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path``."""
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (with a normal file mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, file_mode())
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())

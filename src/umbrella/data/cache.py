@@ -20,7 +20,6 @@ byte range of the map. Only those pages are read from disk.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -42,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umbrella.errors import ConfigError, UmbrellaError, VolumeError
-from umbrella.io import atomic_write
+from umbrella.io import atomic_write, file_mode
 
 CACHE_VERSION = 1
 KEY_CHARS = 24  # 96 bits of sha256: collisions are out of reach for any cohort
@@ -173,15 +172,6 @@ def _source_meta(path, kind: str, params: Mapping, extra_sources: Iterable) -> d
 
 # ------------------------------------------------------------------------------------ writing
 
-@functools.cache
-def _file_mode() -> int:
-    """0o666 minus the umask: mkstemp makes 0600 files, which other users of a shared cache
-    could not read."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write_array(fh: IO[bytes], data: np.ndarray) -> None:
     """Write ``data`` (C-contiguous) as ``.npy`` bytes to an open file."""
     np.lib.format.write_array(fh, data, allow_pickle=False)
@@ -190,7 +180,7 @@ def _write_array(fh: IO[bytes], data: np.ndarray) -> None:
 def _atomic_file(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
     """Atomically create ``path`` from ``fill(fh)``, readable as a normal file would be."""
     def write(tmp: Path) -> None:
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, file_mode())
         with open(tmp, "wb") as fh:
             fill(fh)
 

@@ -41,7 +41,6 @@ import multiprocessing
 import numbers
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from umbrella.errors import ConfigError, VolumeError
+from umbrella.io import atomic_write_text
 
 GENERATOR = "umbrella.demo.cohort"
 GENERATOR_VERSION = 1
@@ -263,17 +263,6 @@ def synthesize_subject(job: _Job) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | None = None) -> None:
     """Write a 3D volume or a 4D run (``tr`` seconds per frame) as int16 NIfTI with scl_slope,
@@ -571,11 +560,11 @@ def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo:
     real = "dMRI" in params.get("modalities", ()) and settings["dMRI"].real_dwi
     if real and "dMRI" in todo:
         copy_real_dwi(root)
-    _atomic_write_text(root / PHENOTYPE, _phenotype_text(subjects))
+    atomic_write_text(root / PHENOTYPE, _phenotype_text(subjects))
     manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": planted_effects(),
                 "subjects": [asdict(s) for s in subjects]}
     if real:
         manifest["real_dwi"] = {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} | {
             "source": f"dipy.data.get_fnames(name={REAL_DWI['name']!r})",
             "note": "real scan of an unknown subject: never labelled"}
-    _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
