@@ -39,6 +39,13 @@ def test_ask_rejects_bad_image_argument(tmp_path, capsys):
     assert "MODALITY=PATH" in capsys.readouterr().err
 
 
+def _saved(cfg, tmp_path) -> str:
+    from umbrella.config import save_config
+
+    save_config(cfg, tmp_path / "c.yaml")
+    return str(tmp_path / "c.yaml")
+
+
 def test_cache_command_builds_then_reuses(tiny_config, tmp_path, capsys):
     from umbrella.config import save_config
 
@@ -48,6 +55,21 @@ def test_cache_command_builds_then_reuses(tiny_config, tmp_path, capsys):
     assert "24 built, 0 reused, 0 failed" in capsys.readouterr().out
     assert main(["cache", "-c", str(tmp_path / "c.yaml"), "--quiet"]) == 0
     assert "0 built, 24 reused, 0 failed" in capsys.readouterr().out
+
+
+def test_training_says_where_images_come_from(tiny_config, tmp_path):
+    from umbrella.data.catalog import load_config_records
+    from umbrella.training.run import data_source
+
+    plain = tiny_config()
+    assert "decoded from the source files, kept in RAM" in data_source(
+        plain, load_config_records(plain))
+    cfg = tiny_config(f"dataset.cache_dir={tmp_path / 'cache'}")
+    records = load_config_records(cfg)
+    assert data_source(cfg, records).endswith(
+        "(T1 0/24 ready); 24 will be built on first use (`umbrella cache` builds them in parallel)")
+    assert main(["cache", "-c", _saved(cfg, tmp_path), "--quiet", "--workers", "1"]) == 0
+    assert data_source(cfg, records) == f"images: from the preprocessing cache {tmp_path / 'cache'} (T1 24/24 ready)"
 
 
 def test_cached_training_matches_uncached(tiny_config, tmp_path):

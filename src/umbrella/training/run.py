@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from transformers import TrainingArguments, set_seed
 
 import umbrella
 from umbrella.config import UmbrellaConfig, config_to_dict, save_config
-from umbrella.data.cache import PreprocessCache
+from umbrella.data.cache import PreprocessCache, cache_key
 from umbrella.data.catalog import (
     by_split,
+    cache_jobs,
     load_config_records,
     modality_inputs,
     model_geometry,
@@ -111,6 +113,26 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
     val = (InstructionDataset(splits["val"], windows="first", bad_samples=policy(), **common)
            if splits.get("val") else None)
     return inputs, train, val
+
+
+def data_source(cfg: UmbrellaConfig, records) -> str:
+    """One line saying where training reads images from: the preprocessing cache (and how many
+    of the referenced images it already holds, per modality) or decoding."""
+    d = cfg.dataset
+    if not d.cache_dir:
+        how = "kept in RAM after first use (dataset.memoize)" if d.memoize else "at every access"
+        return (f"images: decoded from the source files, {how}; set dataset.cache_dir and run "
+                "`umbrella cache` to preprocess them once")
+    cache, total, ready = PreprocessCache(d.cache_dir), Counter(), Counter()
+    for job in cache_jobs(cfg, records):
+        total[job.kind] += 1
+        key = cache_key(job.path, job.kind, job.params, job.extra_sources)
+        ready[job.kind] += cache.path_for(key).is_file()
+    counts = ", ".join(f"{m} {ready[m]}/{n} ready" for m, n in total.items())
+    missing = sum(total.values()) - sum(ready.values())
+    return (f"images: from the preprocessing cache {d.cache_dir} ({counts})"
+            + (f"; {missing} will be built on first use (`umbrella cache` builds them in parallel)"
+               if missing else ""))
 
 
 def make_model(cfg: UmbrellaConfig, train_records):
@@ -225,6 +247,8 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     atomic_write_json(run_dir / "env.json", environment())
     atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
     _tracking_env(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(data_source(cfg, records), flush=True)
 
     model, tokenizer = make_model(cfg, splits["train"])
     encoder = PromptEncoder(tokenizer)
