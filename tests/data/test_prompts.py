@@ -58,3 +58,11 @@ def test_chat_template_matches_segment_text(encoder):
     assert text == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nmale<|im_end|>\n"
     ids = encoder.encode([Turn("user", "Q?"), Turn("assistant", "male")], []).input_ids
     assert encoder.tok.decode(ids) == text
+
+
+def test_numbers_are_tokenised_digit_by_digit_however_frequent():
+    tok = train_tokenizer(["28.5 years"] * 50 + ["77.0 years"] * 50 + ["52.3 years"], 300)
+    for text, digits in (("28.5 years", "285"), ("52.3 years", "523"), ("77.0 years", "770")):
+        pieces = tok.tokenize(text)
+        assert [p for p in pieces if p.isdigit()] == list(digits), pieces
+        assert tok.decode(tok(text)["input_ids"]) == text

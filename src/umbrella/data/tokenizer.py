@@ -1,7 +1,10 @@
 """The offline tokenizer: a byte-level BPE trained on the records' text, with a ChatML template.
 
 Special tokens: ``<|pad|>`` (id 0), ``<image>``, ``<|im_start|>``, ``<|im_end|>`` (also EOS).
-Byte-level means any text can be encoded, including words never seen while training.
+Byte-level means any text can be encoded, including words never seen while training. Digits are
+always single tokens (as in the Llama and Qwen tokenizers): otherwise BPE merges frequent numbers
+("28", "77") into tokens of their own while rarer ones stay split, and a regression answer such as
+"52.3 years" becomes a choice among many rarely seen number tokens instead of digit by digit.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def record_texts(records: Iterable[Record]) -> Iterable[str]:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it as a transformers fast tokenizer."""
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
