@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev
 # the test suite also runs the 2-process DeepSpeed ZeRO-2 test (pure-Python install, ops not built)
-TEST_EXTRAS ?= dev,deepspeed
+# and writes to each tracker (tensorboard, wandb offline, mlflow)
+TEST_EXTRAS ?= dev,deepspeed,tensorboard,wandb,mlflow
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -56,3 +56,18 @@ def test_save_and_reload_roundtrip(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+def test_saved_config_redacts_secret_looking_values(tmp_path):
+    from umbrella.config import REDACTED
+
+    cfg = load_config(None, ["studies.MYSTUDY.tr=0.8", "studies.MYSTUDY.api_key=abc123",
+                             "studies.MYSTUDY.hf-token=hf_xyz", "studies.MYSTUDY.monkey=banana",
+                             "model.token_pool=2"])
+    save_config(cfg, tmp_path / "c.yaml")
+    text = (tmp_path / "c.yaml").read_text()
+    assert "abc123" not in text and "hf_xyz" not in text
+    saved = load_config(tmp_path / "c.yaml", [])
+    assert saved.studies["MYSTUDY"] == {"tr": 0.8, "api_key": REDACTED, "hf-token": REDACTED,
+                                        "monkey": "banana"}
+    assert saved.model.token_pool == 2  # a number under a "token" key is not a secret

@@ -256,8 +256,31 @@ def config_to_dict(cfg: UmbrellaConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential",
+                          "credentials"})
+REDACTED = "<redacted: read it from the environment>"
+
+
+def redact_secrets(obj: Any) -> Any:
+    """A copy of ``obj`` whose string values under secret-looking keys (a ``_``/``-`` separated
+    word of the key is key, token, secret, password, ...: ``api_key``, ``hf_token``) are
+    replaced by :data:`REDACTED`. Numbers under such keys (``token_pool``) are kept."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            words = set(str(k).lower().replace("-", "_").split("_"))
+            secret = bool(words & SECRET_WORDS) and isinstance(v, str) and v != ""
+            out[k] = REDACTED if secret else redact_secrets(v)
+        return out
+    if isinstance(obj, list):
+        return [redact_secrets(v) for v in obj]
+    return obj
+
+
 def save_config(cfg: UmbrellaConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML, atomically."""
+    """Write the resolved config as YAML, atomically, with secret-looking values redacted (the
+    config has no key fields; this guards the free-form sections such as ``studies``)."""
     from umbrella.io import atomic_write_text
 
-    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    data = redact_secrets(config_to_dict(cfg))
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))

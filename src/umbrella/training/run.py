@@ -210,12 +210,35 @@ def resume_checkpoint(cfg: UmbrellaConfig, run_dir: Path) -> str | None:
     return choice
 
 
+_TRACKING_ENV_SET: dict[str, str] = {}  # what _tracking_env itself put in the environment
+
+
 def _tracking_env(cfg: UmbrellaConfig, run_dir: Path) -> None:
-    """Trackers write under the run folder; keys only ever come from the environment."""
-    os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", cfg.tracking.project)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").as_uri())
+    """Trackers write under this run's folder; keys only ever come from the environment.
+
+    A variable the user exported is kept; one this function set for an earlier run in the same
+    process (a notebook, a sweep) is replaced, so each run's tracker files land in its own folder.
+    """
+    wanted = {"WANDB_PROJECT": cfg.tracking.project, "WANDB_DIR": str(run_dir),
+              "MLFLOW_EXPERIMENT_NAME": cfg.tracking.project,
+              # MLflow's file store is in maintenance mode: a SQLite file in the run folder
+              "MLFLOW_TRACKING_URI": f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"}
+    for name, value in wanted.items():
+        if name not in os.environ or os.environ[name] == _TRACKING_ENV_SET.get(name):
+            os.environ[name] = value
+            _TRACKING_ENV_SET[name] = value
+
+
+def _finish_trackers(cfg: UmbrellaConfig) -> None:
+    """Close this run's wandb run (transformers leaves it open): its files are flushed now, and a
+    later train() in the same process starts a run of its own instead of logging into this one."""
+    if cfg.tracking.report_to == "wandb":
+        import sys
+
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+            wandb.teardown()  # wandb keeps settings (WANDB_DIR) per process until torn down
 
 
 def _callbacks(cfg, model, encoder, train_set, val_set, run_dir):
@@ -263,7 +286,10 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
         temperature=cfg.dataset.temperature, part_metrics=parts)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+    finally:
+        _finish_trackers(cfg)
     if trainer.is_world_process_zero():
         save_model(trainer.model, tokenizer, inputs, run_dir / "model")
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
