@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from umbrella.cli import main
 
 
@@ -27,6 +29,25 @@ def test_train_reports_config_errors(tmp_path, capsys):
     assert main(["train", "-c", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "trainng" in err and "training" in err
+
+
+def test_overrides_may_follow_options_in_order(monkeypatch, tmp_path):
+    import umbrella.training.run as run_mod
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  max_steps: 1\n")
+    seen = {}
+
+    def fake_train(cfg, progress):
+        seen.update(steps=cfg.training.max_steps, lr=cfg.training.learning_rate, progress=progress)
+        raise run_mod.ConfigError("stop here")
+
+    monkeypatch.setattr(run_mod, "train", fake_train)
+    assert main(["train", "-c", str(cfg), "training.max_steps=5", "--quiet",
+                 "training.max_steps=7", "training.learning_rate=0.01"]) == 1
+    assert seen == {"steps": 7, "lr": 0.01, "progress": False}  # the later override wins
+    with pytest.raises(SystemExit):
+        main(["train", "-c", str(cfg), "--quiet", "--bogus"])
 
 
 def test_ask_needs_a_question(tmp_path, capsys):

@@ -241,7 +241,13 @@ def _cmd_prepare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may also follow options: `train -c C --quiet a.b=1`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"demo": _cmd_demo, "prepare": _cmd_prepare, "validate": _cmd_validate,
                 "cache": _cmd_cache, "train": _cmd_train,
                 "evaluate": _cmd_evaluate, "ask": _cmd_ask}
