@@ -4,14 +4,15 @@ Collate (batch of 8, in this process), timed interleaved against:
     reference          the collator before this change (torch.stack per modality), same samples
     limit              a plain numpy copy of the batch's image bytes into a fresh array
 and, for scale, a training step of the tiny preset on the same batch (benchmarks.train_step).
-Samples are as the dataset gives them today (float32; rsfMRI (1, D, H, W, T) contiguous) and as
-proposed for dataset.py (rsfMRI float16 in stored (T, D, H, W) order, cast to float32 by the
+Samples as float32 (rsfMRI (1, D, H, W, T) contiguous, the dataset's earlier form) and as the
+dataset gives them now (rsfMRI float16 in stored (T, D, H, W) order, cast to float32 by the
 collator's copy).
 
 Batch assembly, from a cached run (float16 .npy, memory-mapped) to a collated batch of 8 rsfMRI
-windows, as the dataset + collator do it today (take_window: transposing float32 copy, then the
-stack) vs as proposed (a float16 copy of the window in stored order, then one stack that casts to
-float32, or keeps float16 for a GPU to cast), against a numpy copy of the windows' bytes.
+windows: the earlier path (take_window: transposing float32 copy, then the stack) vs the
+dataset's path now (dataset.window_tensor: a float16 copy of the window in stored order, then one
+stack that casts to float32, or keeps float16 for a GPU to cast), against a numpy copy of the
+windows' bytes.
 
 Through a DataLoader with 2 workers (samples prebuilt in memory, so only collate and the transfer
 to the main process are measured): batches/s with the reference collator vs BrainCollator, which
@@ -87,29 +88,6 @@ class ReferenceCollator:
                 "labels": self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)}
 
 
-def make_samples(encoder, modality: str, shape: tuple, batch: int, *, stored_order=False,
-                 dtype=None, tokens: int = 216) -> list[dict]:
-    """``batch`` dataset-like samples with random images of ``shape`` (without the channel)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(batch):
-        rec = common.sex_record(i, modality, "unused")
-        enc = encoder.encode(rec.turns, [tokens])
-        if stored_order:  # (T, D, H, W) memory seen as (1, D, H, W, T)
-            image = torch.randn((shape[-1], *shape[:-1]), generator=gen).to(dtype)
-            image = image.permute(1, 2, 3, 0)[None]
-        else:
-            image = torch.randn((1, *shape), generator=gen).to(dtype)
-        ids = torch.tensor(enc.input_ids)
-        out.append({"images": [(modality, image)], "input_ids": ids,
-                    "attention_mask": torch.ones_like(ids), "labels": torch.tensor(enc.labels),
-                    "id": rec.id})
-    return out
-
-
 def _bound(collator, samples):
     return lambda i: collator(samples)
 
@@ -130,9 +108,9 @@ def collate_speed(s: Sizes, reps: int, encoder) -> tuple[dict, dict]:
     to32 = BrainCollator(pad, pad_to_multiple_of=8, image_dtype=torch.float32)
     spatial, window = (s.side,) * 3, (s.side,) * 3 + (s.frames,)
     sets = {
-        "T1 float32": make_samples(encoder, "T1", spatial, s.batch),
-        "rsfMRI float32 (D,H,W,T)": make_samples(encoder, "rsfMRI", window, s.batch),
-        "rsfMRI float16 stored order": make_samples(encoder, "rsfMRI", window, s.batch,
+        "T1 float32": common.make_samples(encoder, "T1", spatial, s.batch),
+        "rsfMRI float32 (D,H,W,T)": common.make_samples(encoder, "rsfMRI", window, s.batch),
+        "rsfMRI float16 stored order": common.make_samples(encoder, "rsfMRI", window, s.batch,
                                                     stored_order=True, dtype=torch.float16),
     }
     variants, checks = {}, {}
@@ -153,11 +131,15 @@ def collate_speed(s: Sizes, reps: int, encoder) -> tuple[dict, dict]:
     return times, checks
 
 
+EARLIER = "earlier: take_window f32 + BrainCollator"
+
+
 def assembly_speed(s: Sizes, reps: int, encoder, root: Path) -> tuple[dict, bool]:
-    """Seconds per batch from the cached run to pixel_values, current vs proposed data path."""
+    """Seconds per batch from the cached run to pixel_values, earlier vs current data path."""
     import torch
 
     from umbrella.data.collate import BrainCollator
+    from umbrella.data.dataset import window_tensor
     from umbrella.data.fmri import FmriSpec, take_window
 
     spec = FmriSpec(image_size=(s.side,) * 3, sequence_length=s.frames)
@@ -166,7 +148,7 @@ def assembly_speed(s: Sizes, reps: int, encoder, root: Path) -> tuple[dict, bool
     path = root / "run.npy"
     np.save(path, run)
     starts = list(range(0, 2 * s.frames + 1))
-    text = make_samples(encoder, "rsfMRI", (1, 1, 1, 1), s.batch)
+    text = common.make_samples(encoder, "rsfMRI", (1, 1, 1, 1), s.batch)
     pad = encoder.tok.pad_token_id
     new = BrainCollator(pad, pad_to_multiple_of=8)
     to32 = BrainCollator(pad, pad_to_multiple_of=8, image_dtype=torch.float32)
@@ -178,26 +160,26 @@ def assembly_speed(s: Sizes, reps: int, encoder, root: Path) -> tuple[dict, bool
         return collator([{**t, "images": [("rsfMRI", im)]} for t, im in zip(text, images,
                                                                              strict=True)])
 
-    def current(i):  # InstructionDataset._image today, then the collator
+    def earlier(i):  # InstructionDataset._image before window_tensor, then the collator
         return batch([torch.from_numpy(np.ascontiguousarray(
             take_window(np.load(path, mmap_mode="r"), t0, spec), dtype=np.float32))[None]
             for t0 in windows(i)], new)
 
-    def proposed(collator):
+    def dataset(collator):  # InstructionDataset._image now, then the collator
         def run_(i):
-            return batch([torch.from_numpy(np.array(np.load(path, mmap_mode="r")[t0:t0 + s.frames]))
-                          .permute(1, 2, 3, 0)[None] for t0 in windows(i)], collator)
+            mm = np.load(path, mmap_mode="r")
+            return batch([window_tensor(mm, t0, spec) for t0 in windows(i)], collator)
         return run_
 
     def limit(i):
         mm = np.load(path, mmap_mode="r")
         return [np.array(mm[t0:t0 + s.frames]) for t0 in windows(i)]
 
-    same = bool(torch.equal(current(3)["pixel_values"]["rsfMRI"],
-                            proposed(to32)(3)["pixel_values"]["rsfMRI"]))
-    fns = {"current: take_window f32 + BrainCollator": current,
-           "proposed: f16 window + BrainCollator(f32)": proposed(to32),
-           "proposed: f16 window + BrainCollator (f16 batch)": proposed(new),
+    same = bool(torch.equal(earlier(3)["pixel_values"]["rsfMRI"],
+                            dataset(to32)(3)["pixel_values"]["rsfMRI"]))
+    fns = {EARLIER: earlier,
+           "dataset: f16 window + BrainCollator(f32)": dataset(to32),
+           "dataset: f16 window + BrainCollator (f16 batch)": dataset(new),
            "limit: numpy copy": limit}
     return common.time_interleaved(fns, reps, s.calls), same
 
@@ -225,7 +207,7 @@ def loader_speed(s: Sizes, reps: int, encoder) -> dict:
 
     pad = encoder.tok.pad_token_id
     window = (s.side,) * 3 + (s.frames,)
-    samples = make_samples(encoder, "rsfMRI", window, s.batch)
+    samples = common.make_samples(encoder, "rsfMRI", window, s.batch)
     data = Prebuilt(samples, s.batch * s.loader_batches)
 
     def through(collator):
@@ -293,7 +275,7 @@ def run(opts: common.Options) -> dict:
     step_s = {"T1": steps["T1 (ours)"]["median_s"], "rsfMRI": steps["rsfMRI"]["median_s"]}
     times, checks = collate_speed(s, opts.reps, encoder)
     with tempfile.TemporaryDirectory(prefix="umbrella-bench-collate-") as tmp:
-        assembly, checks["assembly: proposed equals current"] = assembly_speed(
+        assembly, checks["assembly: dataset equals earlier"] = assembly_speed(
             s, opts.reps, encoder, Path(tmp))
     loader = loader_speed(s, opts.reps, encoder)
     sampler = sampler_speed(s, opts.reps)
@@ -312,11 +294,11 @@ def run(opts: common.Options) -> dict:
         rows.append([name, variant, med * 1e6, ref / med, med / lim, med / step])
     results["collate"] = collate
     results["assembly"] = {}
-    cur = common.median(assembly["current: take_window f32 + BrainCollator"])
+    cur = common.median(assembly[EARLIER])
     lim = common.median(assembly["limit: numpy copy"])
     for name, secs in assembly.items():
         med = common.median(secs)
-        results["assembly"][name] = {**common.summary(secs), "speedup_vs_current": cur / med,
+        results["assembly"][name] = {**common.summary(secs), "speedup_vs_earlier": cur / med,
                                      "times_the_limit": med / lim,
                                      "fraction_of_train_step": med / step_s["rsfMRI"]}
         rows.append([f"{s.batch} rsfMRI windows from the cache", name, med * 1e6, cur / med,

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -215,12 +214,6 @@ def options(args: argparse.Namespace) -> Options:
     return Options(mode, reps, Path(workdir), args.quiet, args.threads)
 
 
-def bootstrap() -> None:
-    """Make ``benchmarks`` importable when a file is run as a script."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-
-
 # ------------------------------------------------------------------------------------ inputs
 
 SEX_TEXTS = ["What is the sex of this subject?", "Is this brain from a male or a female subject?",
@@ -245,3 +238,28 @@ def sex_record(index: int, modality: str, path, answer: str = "male", split: str
                   turns=(Turn("user", "<image>\nWhat is the sex of this subject?"),
                          Turn("assistant", answer)),
                   subject_id=f"sub-{index:05d}", study="BENCH", task="sex", split=split)
+
+
+def make_samples(encoder, modality: str, shape: tuple, batch: int, *, stored_order=False,
+                 dtype=None, tokens: int = 216) -> list[dict]:
+    """``batch`` dataset-like sex-task samples (answers alternate female / male) with seeded
+    random images of ``shape`` (without the channel); ``stored_order``: (T, D, H, W) memory seen
+    as (1, D, H, W, T), as the dataset hands over cached rsfMRI windows."""
+    import torch
+
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(batch):
+        rec = sex_record(i, modality, "unused", "male" if i % 2 else "female")
+        enc = encoder.encode(rec.turns, [tokens])
+        if stored_order:
+            image = torch.randn((shape[-1], *shape[:-1]), generator=gen).to(dtype)
+            image = image.permute(1, 2, 3, 0)[None]
+        else:
+            image = torch.randn((1, *shape), generator=gen).to(dtype)
+        ids = torch.tensor(enc.input_ids)
+        out.append({"images": [(modality, image)], "input_ids": ids,
+                    "attention_mask": torch.ones_like(ids), "labels": torch.tensor(enc.labels),
+                    "id": rec.id})
+    return out

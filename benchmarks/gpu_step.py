@@ -111,7 +111,7 @@ def run(opts: common.Options, batch: int) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         name = f"{v.name} {p}" + (", via float32" if detour else "")
         fns[name] = step_fn(model, opt, host, device, p, detour)
-        setups[name] = (v, p, tokens, model)
+        setups[name] = (v, p, tokens)
         if cuda:  # memory one step needs above what is resident (all models built so far)
             fns[name](0)
             resident = torch.cuda.memory_allocated()
@@ -121,7 +121,7 @@ def run(opts: common.Options, batch: int) -> dict:
     times = common.time_interleaved(fns, opts.reps, calls, warmup=1)
     results = {}
     for name, secs in times.items():
-        v, p, tokens, _ = setups[name]
+        v, p, tokens = setups[name]
         med = common.median(secs)
         results[name] = {**common.summary(secs), "modality": v.modality, "precision": p,
                          "tokens_per_image": tokens, "batch": batch,

@@ -108,21 +108,11 @@ def train_step(model, opt, batch, sched=None) -> float:
     return float(loss.detach())
 
 
-def random_batch(v: Variant, encoder, tokens: int, batch: int, seed: int = 0) -> dict:
+def random_batch(v: Variant, encoder, tokens: int, batch: int) -> dict:
     """A collated batch of ``batch`` sex-task samples with random images of variant ``v``."""
-    import torch
-
     from umbrella.data.collate import BrainCollator
 
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(batch):
-        rec = common.sex_record(i, v.modality, "unused", "male" if i % 2 else "female")
-        enc = encoder.encode(rec.turns, [tokens])
-        ids = torch.tensor(enc.input_ids)
-        samples.append({"images": [(v.modality, torch.randn((1, *v.image_size), generator=gen))],
-                        "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                        "labels": torch.tensor(enc.labels), "id": rec.id})
+    samples = common.make_samples(encoder, v.modality, v.image_size, batch, tokens=tokens)
     out = BrainCollator(encoder.tok.pad_token_id, pad_to_multiple_of=8)(samples)
     if v.stored_order:  # same values, time-outermost memory: (B, 1, T, D, H, W) seen as (..., T)
         pv = out["pixel_values"][v.modality]

@@ -95,11 +95,12 @@ def test_default_is_off():
     assert tokens_per_image(model, "T1") == 64
 
 
-def test_plain_tensor_pixels_are_pooled_like_the_dict_form():
+@pytest.mark.parametrize(("pool", "tokens"), [(None, 64), (2, 8)])
+def test_plain_tensor_pixels_take_the_dict_path(pool, tokens):
     tok = train_tokenizer(["What is the sex of this subject? male female"] * 4, 300)
     enc = PromptEncoder(tok)
-    model = build_brain_llava(ModelConfig(), {"T1": GEOM["T1"]}, tok, seed=0, token_pool=2).eval()
-    ids, x = _ids(enc, 8), torch.randn(2, 1, 32, 32, 32)
+    model = build_brain_llava(ModelConfig(), {"T1": GEOM["T1"]}, tok, seed=0, token_pool=pool).eval()
+    ids, x = _ids(enc, tokens), torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         plain = model(input_ids=ids, pixel_values=x).logits
         routed = model(input_ids=ids, pixel_values={"T1": x},

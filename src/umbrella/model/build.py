@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import umbrella.model  # noqa: F401  (registers the tower with the Auto classes)
 from umbrella.config import ModelConfig
 from umbrella.errors import ModelError
-from umbrella.model.configuration_brain_vit import BrainViTConfig
+from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,10 @@ def pooled_tokens(spec: dict, token_pool: int | Sequence[int] | None = None,
     """Visual tokens one image of geometry ``spec`` ({image_size, patch_size}) gives to the LLM
     after ``token_pool``: the count each ``<image>`` must be expanded to. Raises ModelError when
     the token grid is not a multiple of the pool, naming both."""
-    blocks, *grid = token_grid(spec)
     pool = normalize_token_pool(token_pool)
     if pool is None:
-        return blocks * math.prod(grid)
+        return num_patches(spec)
+    blocks, *grid = token_grid(spec)
     bad = [(g, k) for g, k in zip(grid, pool, strict=True) if g % k]
     if bad:
         raise ModelError(f"{modality}: the token grid {tuple(grid)} (image_size / patch_size) is "
@@ -224,8 +224,8 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def forward(self, input_ids=None, pixel_values=None, image_order=None, attention_mask=None,
                 labels=None, mm_encoder_outputs=None, **kwargs):
         """input_ids (B, L) with every <image> already expanded to its modality's token count."""
-        if torch.is_tensor(pixel_values) and self._token_pool() is not None:
-            modality = self.model.vision_tower._pick_modality(None)  # plain LLaVA form: one modality
+        if torch.is_tensor(pixel_values):  # plain LLaVA form (one modality): the same path
+            modality = self.model.vision_tower._pick_modality(None)
             image_order = [(modality, i) for i in range(pixel_values.shape[0])]
             pixel_values = {modality: pixel_values}
         if isinstance(pixel_values, dict):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -233,8 +234,6 @@ def _finish_trackers(cfg: UmbrellaConfig) -> None:
     """Close this run's wandb run (transformers leaves it open): its files are flushed now, and a
     later train() in the same process starts a run of its own instead of logging into this one."""
     if cfg.tracking.report_to == "wandb":
-        import sys
-
         wandb = sys.modules.get("wandb")
         if wandb is not None and wandb.run is not None:
             wandb.finish()
