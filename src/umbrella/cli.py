@@ -1,6 +1,6 @@
 """The `umbrella` command: a thin shell that parses arguments and calls the library.
 
-    umbrella demo [--out DIR] [--seed N] [KEY=VALUE ...]
+    umbrella demo [--out DIR] [--seed N] [--cohort basic|realistic] [--build-only] [KEY=VALUE ...]
     umbrella train -c CONFIG [KEY=VALUE ...]
     umbrella evaluate --model RUN_DIR [-c CONFIG] [--split test] [KEY=VALUE ...]
     umbrella ask --model RUN_DIR --image T1=scan.nii.gz "What is the sex of this subject?"
@@ -25,8 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build the embedded demo cohort, train, evaluate and ask")
     d.add_argument("--out", default="umbrella-demo", help="output folder (default: umbrella-demo)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--subjects", type=int, default=200, help="cohort size (default: 200)")
-    d.add_argument("--quick", action="store_true", help="60 subjects, 48³ volumes: a smoke run")
+    d.add_argument("--subjects", type=int, help="cohort size (default: 200; realistic 400)")
+    d.add_argument("--quick", action="store_true",
+                   help="60 subjects, 48³ volumes (realistic: 56x64x56 at 4 mm): a smoke run")
+    d.add_argument("--cohort", choices=["basic", "realistic"], default="basic",
+                   help="basic (default): a quick pipeline check on sex; realistic: overlapping "
+                        "effects with known limits (truth.json), sex and age trained together")
+    d.add_argument("--build-only", action="store_true",
+                   help="stop after the cohort, the records and demo.yaml (train them later "
+                        "with `umbrella train -c OUT/demo.yaml`)")
     d.add_argument("--modalities", default="T1",
                    help="comma list of T1, rsfMRI, dMRI (default T1); one model learns them all")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -100,9 +107,23 @@ def _cmd_demo(args) -> int:
     from umbrella.demo.run import run_demo
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    n, size, patch = (60, 48, 8) if args.quick else (args.subjects, 96, 16)
-    result = run_demo(args.out, seed=args.seed, n_subjects=n, image_size=size, patch=patch,
-                      overrides=args.overrides, modalities=modalities)
+    realistic = args.cohort == "realistic"
+    if args.quick:
+        n, size, patch = 60, ((56, 64, 56) if realistic else 48), 8
+    else:
+        n, size, patch = args.subjects, (None if realistic else 96), 16
+    kwargs = {"cohort": args.cohort, "seed": args.seed, "n_subjects": n, "image_size": size,
+              "patch": patch, "overrides": args.overrides, "modalities": modalities}
+    if args.build_only:
+        from umbrella.demo.run import prepare_demo
+
+        plan = prepare_demo(args.out, **kwargs)
+        for m, files in plan.records.items():
+            print(f"{m} records: {', '.join(str(f) for f in files)}")
+        print(f"cohort: {plan.cohort.root}\nconfig: {plan.config_path}\n"
+              f"train with: umbrella train -c {plan.config_path} [training.seed=N ...]")
+        return 0
+    result = run_demo(args.out, **kwargs)
     for modality, m in result.per_modality.items():
         print(f"held-out {modality} sex accuracy: {m['n_correct']}/{m['n']} = {m['accuracy']:.3f}")
     return 0

@@ -93,6 +93,7 @@ class DemoCohort:
     subjects: tuple[DemoSubject, ...]
     modalities: tuple[str, ...] = ("T1",)
     real_dwi: dict | None = None  # {"path", "bval", "bvec"} relative to root (dMRI cohorts)
+    variant: str = "basic"  # "basic" | "realistic" (see umbrella.demo.realistic)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class _Job:
     voxel_mm: float
     sex_scale: float
     path: str  # absolute output path
+    variant: str = "basic"  # "realistic": the fields below come from realistic.subject_latents
+    scale: float = 0.0  # realistic: the subject's planted brain scale
+    brain_age: float = 0.0  # realistic: the subject's planted brain age (years)
 
 
 _TEMPLATE: _Template | None = None
@@ -207,11 +211,12 @@ def _draw_nuisance(rng: np.random.Generator, sex: str, sex_scale: float) -> dict
     }
 
 
-def _source_coords(job: _Job, draw: dict, tpl: _Template) -> np.ndarray:
+def _source_coords(job: _Job, draw: dict, tpl: _Template, pull: float | None = None) -> np.ndarray:
     """Template voxel coordinates, shape (3, *image_size), sampled by every output voxel.
 
     Composes output grid -> inverse subject transform (``y = c + s R (p - c) + t``) ->
-    ventricle radial warp -> template voxel, evaluated separably along the grid axes.
+    ventricle radial warp -> template voxel, evaluated separably along the grid axes. ``pull``
+    (the warp's strength at its core) defaults to the basic cohort's law of ``job.age``.
     """
     out, rot, scale = output_affine(job.image_size, job.voxel_mm), draw["rotation"], draw["scale"]
     centre, vc = np.asarray(FOV_CENTRE_MM), np.asarray(VENTRICLE_CENTRE_MM)
@@ -221,7 +226,8 @@ def _source_coords(job: _Job, draw: dict, tpl: _Template) -> np.ndarray:
     d = np.empty((3, *job.image_size))
     for a in range(3):
         d[a] = lin[a, 0] * grid[0] + lin[a, 1] * grid[1] + lin[a, 2] * grid[2] + off[a]
-    pull = VENTRICLE_GAIN * _age_fraction(job.age)
+    if pull is None:
+        pull = VENTRICLE_GAIN * _age_fraction(job.age)
     if pull > 0:
         r2 = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
         d *= 1 - pull * np.exp(r2 * (-0.5 / VENTRICLE_SIGMA_MM**2))
@@ -249,6 +255,10 @@ def synthesize_subject(job: _Job) -> np.ndarray:
     """Float32 T1 volume for one subject (deterministic from ``[seed, index]``)."""
     from scipy.ndimage import map_coordinates
 
+    if job.variant == "realistic":
+        from umbrella.demo.realistic import synthesize_t1
+
+        return synthesize_t1(job)
     tpl = _template()
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
     draw = _draw_nuisance(rng, job.sex, job.sex_scale)
@@ -264,11 +274,17 @@ def synthesize_subject(job: _Job) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | None = None) -> None:
+def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | None = None,
+                variant: str = "basic") -> None:
     """Write a 3D volume or a 4D run (``tr`` seconds per frame) as int16 NIfTI with scl_slope,
-    atomically (temporary name in the same folder, then rename)."""
+    atomically (temporary name in the same folder, then rename). ``data`` is on the RAS+ grid of
+    ``affine``; the realistic variant stores it in its own orientation (same image, other order)."""
     import nibabel as nib
 
+    if variant == "realistic":
+        from umbrella.demo.realistic import reorient
+
+        data, affine = reorient(data, affine)
     img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(np.int16)
     img.set_qform(img.affine, code=1)
@@ -291,7 +307,7 @@ def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | N
 def _write_subject(job: _Job) -> str:
     """Synthesize one subject and write it atomically as int16 NIfTI; returns the path."""
     _save_int16(synthesize_subject(job), output_affine(job.image_size, job.voxel_mm),
-                Path(job.path))
+                Path(job.path), variant=job.variant)
     return job.path
 
 
@@ -311,6 +327,10 @@ def _run_jobs(jobs: list, workers: int, progress: bool, desc: str = "demo cohort
         from umbrella.demo.modalities import template_maps
 
         template_maps()
+    if any(job.variant == "realistic" for job in jobs):
+        from umbrella.demo.realistic import sulcal_map
+
+        sulcal_map()
     with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
@@ -388,14 +408,20 @@ def normalize_modalities(modalities) -> tuple[tuple[str, ...], list[str]]:
     return tuple(m for m in MODALITIES if m == "T1" or m in names), problems
 
 
-def _draw_phenotypes(n_subjects: int, seed: int) -> list[DemoSubject]:
-    """Exactly balanced sex (one extra, drawn, when n is odd) and age ~ U[20, 80], 1 decimal."""
+def _draw_phenotypes(n_subjects: int, seed: int, variant: str = "basic") -> list[DemoSubject]:
+    """Exactly balanced sex (one extra, drawn, when n is odd) and age ~ U[20, 80], 1 decimal
+    (realistic: whole years uniform on realistic.AGE_RANGE, from a stream of their own)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xC0,)))
     sexes = ["male", "female"] * (n_subjects // 2)
     if n_subjects % 2:
         sexes.append(str(rng.choice(["male", "female"])))
     rng.shuffle(sexes)
-    ages = np.round(rng.uniform(*AGE_RANGE, n_subjects), 1)
+    if variant == "realistic":
+        from umbrella.demo.realistic import draw_ages
+
+        ages = draw_ages(n_subjects, seed).astype(float)
+    else:
+        ages = np.round(rng.uniform(*AGE_RANGE, n_subjects), 1)
     width = max(4, len(str(n_subjects)))
     return [DemoSubject(f"sub-{i + 1:0{width}d}", sex, float(age),
                         f"images/sub-{i + 1:0{width}d}_T1w.nii.gz")
@@ -439,7 +465,7 @@ def _read_manifest(root: Path) -> dict | None:
 
 
 _BASE_KEYS = ("n_subjects", "seed", "image_size", "voxel_mm", "sex_scale", "generator_version",
-              "umbrella_version")
+              "umbrella_version", "variant", "planted")  # the last two: realistic cohorts only
 
 
 def _present(root: Path, rel: str, n_frames: int) -> bool:
@@ -450,10 +476,14 @@ def _present(root: Path, rel: str, n_frames: int) -> bool:
     return path.is_file()
 
 
-def _part_files(subjects, modality: str, real_dwi: dict | None) -> list[str]:
+def _part_files(subjects, modality: str, real_dwi: dict | None, variant: str = "basic") -> list[str]:
     files = [s.path(modality) for s in subjects]
     if modality == "T1":
         files.append(PHENOTYPE)
+        if variant == "realistic":
+            from umbrella.demo.realistic import PLANTED, TRUTH
+
+            files += [TRUTH, PLANTED]
     if modality == "dMRI" and real_dwi:
         files += [real_dwi[k] for k in ("path", "bval", "bvec")]
     return files
@@ -463,13 +493,14 @@ def _reusable_parts(root: Path, manifest: dict | None, params: dict, subjects,
                     real_dwi: dict | None) -> set[str]:
     """Modalities whose files a previous build with the same settings left complete."""
     old = manifest.get("parameters") if manifest else None
-    if not isinstance(old, dict) or any(old.get(k) != params[k] for k in _BASE_KEYS):
+    if not isinstance(old, dict) or any(old.get(k) != params.get(k) for k in _BASE_KEYS):
         return set()
     built = old.get("modalities", ["T1"])
     n_frames = params.get("rsfMRI", {}).get("n_frames", 0)
     return {m for m in params.get("modalities", ["T1"])
             if m in built and old.get(m) == params.get(m)
-            and all(_present(root, f, n_frames) for f in _part_files(subjects, m, real_dwi))}
+            and all(_present(root, f, n_frames)
+                    for f in _part_files(subjects, m, real_dwi, params.get("variant", "basic")))}
 
 
 def _unchanged(manifest: dict | None, params: dict, subjects) -> bool:
@@ -481,9 +512,9 @@ def _unchanged(manifest: dict | None, params: dict, subjects) -> bool:
         return False
 
 
-def build_demo_cohort(out_dir, n_subjects: int = 200, *, seed: int = 0,
-                      image_size=(96, 96, 96), voxel_mm: float = 2.1,
-                      sex_scale: float = 0.05, workers: int = 2, progress: bool = True,
+def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = "basic",
+                      seed: int = 0, image_size=None, voxel_mm: float | None = None,
+                      sex_scale: float | None = None, workers: int = 2, progress: bool = True,
                       modalities=("T1",), rsfmri=None, dmri=None) -> DemoCohort:
     """Build (or reuse) the demo cohort under ``out_dir``; see the module docstring for effects.
 
@@ -493,23 +524,46 @@ def build_demo_cohort(out_dir, n_subjects: int = 200, *, seed: int = 0,
     ``dmri`` (:class:`~umbrella.demo.modalities.DmriSettings`); see that module for their effects.
     An existing cohort with identical parameters and all files present is reused untouched; when
     only the set of modalities or one modality's settings changed, the complete parts are kept.
+
+    ``variant="realistic"`` builds the cohort of :mod:`umbrella.demo.realistic` (overlapping
+    effects, native-space nuisance; also ``truth.json`` and ``planted.csv``). Defaults per
+    variant: basic 200 subjects, 96^3 at 2.1 mm, ``sex_scale`` 0.05, rsfMRI/dMRI 48^3 at 4.2 mm;
+    realistic 400 subjects, 112 x 128 x 112 at 2 mm, rsfMRI/dMRI 56 x 64 x 56 at 4 mm.
     """
     import umbrella
+    from umbrella.demo import realistic
     from umbrella.demo.modalities import REAL_DWI, DmriSettings, FmriSettings
 
-    fmri, dmri = rsfmri or FmriSettings(), dmri or DmriSettings()
-    mods, problems = normalize_modalities(modalities)
-    problems += (fmri.problems() if "rsfMRI" in mods else []) + \
+    real_variant = variant == "realistic"
+    problems = [] if variant in realistic.VARIANTS else \
+        [f"variant must be one of {', '.join(realistic.VARIANTS)}, got {variant!r}"]
+    if real_variant and sex_scale is not None:
+        problems.append("sex_scale applies to the basic cohort only (the realistic cohort's "
+                        "planted model is fixed: see umbrella.demo.realistic)")
+    session = {"image_size": realistic.SESSION_IMAGE_SIZE,
+               "voxel_mm": realistic.SESSION_VOXEL_MM} if real_variant else {}
+    fmri, dmri = rsfmri or FmriSettings(**session), dmri or DmriSettings(**session)
+    n_subjects = (400 if real_variant else 200) if n_subjects is None else n_subjects
+    image_size = (realistic.IMAGE_SIZE if real_variant else (96, 96, 96)) \
+        if image_size is None else image_size
+    voxel_mm = (realistic.VOXEL_MM if real_variant else 2.1) if voxel_mm is None else voxel_mm
+    sex_scale = 0.05 if sex_scale is None else sex_scale
+    mods, more = normalize_modalities(modalities)
+    problems += more + (fmri.problems() if "rsfMRI" in mods else []) + \
         (dmri.problems() if "dMRI" in mods else [])
     size = _validate(n_subjects, seed, image_size, voxel_mm, sex_scale, workers, problems)
     root = Path(out_dir).resolve()
     params = {"n_subjects": n_subjects, "seed": seed, "image_size": list(size),
               "voxel_mm": float(voxel_mm), "sex_scale": float(sex_scale),
               "generator_version": GENERATOR_VERSION, "umbrella_version": umbrella.__version__}
-    if mods != ("T1",):  # a T1-only manifest keeps its original form
+    if real_variant:  # no sex_scale: its planted model is written out instead
+        del params["sex_scale"]
+        params |= {"variant": "realistic", "planted": realistic.planted_parameters()}
+        _check_field_of_view(mods, size, float(voxel_mm), {"rsfMRI": fmri, "dMRI": dmri})
+    if mods != ("T1",) or real_variant:  # a basic T1-only manifest keeps its original form
         params["modalities"] = list(mods)
         params |= {m: {"rsfMRI": fmri, "dMRI": dmri}[m].to_dict() for m in mods[1:]}
-    subjects = _with_sessions(_draw_phenotypes(n_subjects, seed), mods, fmri)
+    subjects = _with_sessions(_draw_phenotypes(n_subjects, seed, variant), mods, fmri)
     real = {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} \
         if "dMRI" in mods and dmri.real_dwi else None
     manifest = _read_manifest(root) if root.is_dir() else None
@@ -519,25 +573,59 @@ def build_demo_cohort(out_dir, n_subjects: int = 200, *, seed: int = 0,
                   stale_manifest=manifest is not None, workers=workers, progress=progress,
                   settings={"rsfMRI": fmri, "dMRI": dmri})
     return DemoCohort(root=root, phenotype_csv=root / PHENOTYPE, subjects=subjects,
-                      modalities=mods, real_dwi=real)
+                      modalities=mods, real_dwi=real, variant=variant)
+
+
+def _check_field_of_view(mods, size, voxel_mm: float, settings: dict) -> None:
+    """Realistic cohorts: refuse a grid on which the largest, most rotated and shifted brain
+    would be clipped (the check maps the template brain's surface forward)."""
+    from umbrella.demo.realistic import fov_slack_mm, max_scale
+
+    problems = []
+    for m in mods:
+        grid, voxel = (size, voxel_mm) if m == "T1" else \
+            (tuple(settings[m].image_size), float(settings[m].voxel_mm))
+        slack = fov_slack_mm(grid, voxel, max_scale(m))
+        if slack < 0:
+            fov = " x ".join(f"{n * voxel:g}" for n in grid)
+            problems.append(f"{m}: a {fov} mm field of view clips the largest brain of the "
+                            f"realistic cohort by {-slack:.1f} mm; use at least 224 x 256 x 224 "
+                            "mm (the default grids)")
+    if problems:
+        raise ConfigError(problems, source="build_demo_cohort")
+
+
+def _latents(subjects, seed: int) -> list:
+    from umbrella.demo.realistic import subject_latents
+
+    return [subject_latents(seed, i, s.sex, s.age) for i, s in enumerate(subjects)]
 
 
 def _jobs(root: Path, subjects, params: dict, todo: list[str], settings: dict) -> list:
     from umbrella.demo.modalities import SessionJob
 
-    seed, scale = params["seed"], params["sex_scale"]
+    seed, scale = params["seed"], params.get("sex_scale", 0.0)
+    variant = params.get("variant", "basic")
+    hidden = _latents(subjects, seed) if variant == "realistic" else [None] * len(subjects)
     jobs: list = []
     for m in ("rsfMRI", "T1", "dMRI"):  # the heaviest first: better balanced workers
         if m not in todo:
             continue
         if m == "T1":
             jobs += [_Job(i, seed, s.sex, s.age, tuple(params["image_size"]), params["voxel_mm"],
-                          scale, str(root / s.t1_path)) for i, s in enumerate(subjects)]
+                          scale, str(root / s.t1_path),
+                          **({} if lat is None else {"variant": variant, "scale": lat.scale,
+                                                     "brain_age": lat.brain_age}))
+                     for i, (s, lat) in enumerate(zip(subjects, hidden, strict=True))]
             continue
         cfg = settings[m]
         extra = {"n_frames": cfg.n_frames, "tr": float(cfg.tr)} if m == "rsfMRI" else {}
-        for i, s in enumerate(subjects):
+        for i, (s, lat) in enumerate(zip(subjects, hidden, strict=True)):
             rel = s.path(m)
+            if lat is not None:
+                extra |= {"variant": variant, "brain_age": lat.brain_age,
+                          "scale": lat.rsfmri_scale if m == "rsfMRI" else lat.scale,
+                          "coupling": lat.coupling if m == "rsfMRI" else 0.0}
             jobs.append(SessionJob(m, i, seed, s.sex, s.age, scale, tuple(cfg.image_size),
                                    float(cfg.voxel_mm), str(root / rel),
                                    frame_folder=not rel.endswith(".nii.gz"), **extra))
@@ -561,7 +649,16 @@ def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo:
     if real and "dMRI" in todo:
         copy_real_dwi(root)
     atomic_write_text(root / PHENOTYPE, _phenotype_text(subjects))
-    manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": planted_effects(),
+    realistic = params.get("variant") == "realistic"
+    if realistic:
+        from umbrella.demo import realistic as model
+
+        atomic_write_text(root / model.PLANTED,
+                          model.planted_text(subjects, _latents(subjects, params["seed"])))
+        atomic_write_text(root / model.TRUTH,
+                          json.dumps(model.truth(params["modalities"]), indent=2) + "\n")
+    effects = {"realistic": params["planted"]} if realistic else planted_effects()
+    manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": effects,
                 "subjects": [asdict(s) for s in subjects]}
     if real:
         manifest["real_dwi"] = {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} | {

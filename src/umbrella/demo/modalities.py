@@ -238,20 +238,32 @@ class SessionJob:
     n_frames: int = 0
     tr: float = 0.0
     frame_folder: bool = False
+    variant: str = "basic"  # "realistic": the fields below come from realistic.subject_latents
+    scale: float = 0.0  # realistic: this session's brain scale (rsfMRI: sex-independent)
+    brain_age: float = 0.0  # realistic: the subject's brain age (ventricle warp)
+    coupling: float = 0.0  # realistic rsfMRI: Fisher z of the DMN-FPN correlation
 
 
 def _session(job: SessionJob) -> tuple[np.ndarray, np.random.Generator]:
     """Template voxel coordinates (3, *image_size) of the session grid, and the session's rng
-    positioned after the head-position draws."""
+    positioned after the head-position draws. Realistic sessions take their scale and brain age
+    from the job and draw the position with :func:`umbrella.demo.realistic.draw_position`."""
+    stream = RSFMRI_STREAM if job.modality == "rsfMRI" else DMRI_STREAM
+    grid = _cohort._Job(job.index, job.seed, job.sex, job.age, tuple(job.image_size),
+                        job.voxel_mm, job.sex_scale, job.path)
+    if job.variant == "realistic":
+        from umbrella.demo.realistic import draw_position, ventricle_pull
+
+        rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
+        draw = draw_position(rng) | {"scale": job.scale}
+        return _cohort._source_coords(grid, draw, _cohort._template(),
+                                      pull=ventricle_pull(job.brain_age)), rng
     t1_rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
     scale = _cohort._draw_nuisance(t1_rng, job.sex, job.sex_scale)["scale"]  # the T1's anatomy
-    stream = RSFMRI_STREAM if job.modality == "rsfMRI" else DMRI_STREAM
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
     angles = np.deg2rad(rng.uniform(-_cohort.ROTATION_DEG, _cohort.ROTATION_DEG, 3))
     draw = {"scale": scale, "rotation": _cohort._rotation(angles),
             "translation": rng.uniform(-_cohort.TRANSLATION_MM, _cohort.TRANSLATION_MM, 3)}
-    grid = _cohort._Job(job.index, job.seed, job.sex, job.age, tuple(job.image_size),
-                        job.voxel_mm, job.sex_scale, job.path)
     return _cohort._source_coords(grid, draw, _cohort._template()), rng
 
 
@@ -276,9 +288,12 @@ def session_maps(job: SessionJob) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- synthesis
 
-def network_signals(rng: np.random.Generator, sex: str, n_frames: int, tr: float) -> np.ndarray:
+def network_signals(rng: np.random.Generator, sex: str, n_frames: int, tr: float,
+                    correlation: float | None = None) -> np.ndarray:
     """(n_networks, n_frames) zero-mean unit-sd series; pairwise correlations are exactly 0 except
-    the :data:`COUPLED` pair, exactly ``COUPLING[sex]``."""
+    the :data:`COUPLED` pair, exactly ``COUPLING[sex]`` (or ``correlation``, in (-1, 1), when
+    given: the realistic cohort's per-subject value; a negative one flips the shared latent's sign
+    in the second network)."""
     from scipy.ndimage import gaussian_filter1d
 
     names = list(NETWORKS)
@@ -288,10 +303,13 @@ def network_signals(rng: np.random.Generator, sex: str, n_frames: int, tr: float
     q, r = np.linalg.qr(smooth.T)
     z = (q * np.sign(np.diag(r))).T * math.sqrt(n_frames)  # orthonormal rows -> unit sd
     shared, out = z[-1], z[:-1].copy()
-    rho = COUPLING[sex]
-    for name in COUPLED:
+    rho = COUPLING[sex] if correlation is None else float(correlation)
+    if not -1 < rho < 1:
+        raise ValueError(f"network correlation must lie in (-1, 1), got {rho}")
+    for k, name in enumerate(COUPLED):
         i = names.index(name)
-        out[i] = math.sqrt(rho) * shared + math.sqrt(1 - rho) * z[i]
+        sign = -1.0 if k == 1 and rho < 0 else 1.0
+        out[i] = sign * math.sqrt(abs(rho)) * shared + math.sqrt(1 - abs(rho)) * z[i]
     return out
 
 
@@ -303,7 +321,9 @@ def synthesize_rsfmri(job: SessionJob) -> np.ndarray:
     base = _warp(maps.epi, coords)[inside]
     nets = np.stack([_warp(m, coords)[inside] for m in maps.networks])  # (n, n_brain)
     gain = rng.uniform(1 - BOLD_GAIN, 1 + BOLD_GAIN)
-    signals = network_signals(rng, job.sex, job.n_frames, job.tr).astype(np.float32)
+    correlation = math.tanh(job.coupling) if job.variant == "realistic" else None
+    signals = network_signals(rng, job.sex, job.n_frames, job.tr,
+                              correlation).astype(np.float32)
     brain = base * (1 + BOLD_AMPLITUDE * (signals.T @ nets)) * np.float32(BOLD_LEVEL * gain)
     brain += rng.standard_normal(brain.shape, dtype=np.float32) * np.float32(
         BOLD_NOISE * BOLD_LEVEL * gain)  # (T, n_brain)
@@ -328,11 +348,12 @@ def write_session(job: SessionJob) -> str:
     """Synthesize and write one session atomically; returns its path."""
     affine = _cohort.output_affine(job.image_size, job.voxel_mm)
     if job.modality == "dMRI":
-        _cohort._save_int16(synthesize_fa(job), affine, Path(job.path))
+        _cohort._save_int16(synthesize_fa(job), affine, Path(job.path), variant=job.variant)
     elif job.frame_folder:
         _save_frames(synthesize_rsfmri(job), Path(job.path))
     else:
-        _cohort._save_int16(synthesize_rsfmri(job), affine, Path(job.path), tr=job.tr)
+        _cohort._save_int16(synthesize_rsfmri(job), affine, Path(job.path), tr=job.tr,
+                            variant=job.variant)
     return job.path
 
 

@@ -4,18 +4,29 @@ By default the demo is T1 only; ``modalities=("T1", "rsfMRI", "dMRI")`` adds the
 runs and dMRI FA maps (:mod:`umbrella.demo.modalities`) and trains ONE model on all of them, with
 the same subject-level split in every modality, then reports accuracy per modality.
 
+``cohort="realistic"`` (``umbrella demo --cohort realistic``) builds the cohort of
+:mod:`umbrella.demo.realistic` (400 subjects, overlapping effects, truth.json) and trains one model
+on sex AND age from T1 (plus sex from each other modality asked for). :func:`prepare_demo` (CLI
+``--build-only``) stops after the cohort, the records and demo.yaml, so that several runs
+(``umbrella train -c <out>/demo.yaml training.seed=N``) can share them.
+
 Everything lands under ``--out`` (default ``umbrella-demo/``)::
 
     cohort/      NIfTI images (images/, rsfmri/, dwi/), phenotype.csv, cohort.json
-    records/     sex_<modalities>.jsonl (LLaVA form, subject-level stratified splits)
+                 (realistic: also truth.json, planted.csv)
+    records/     basic: sex_<modalities>.jsonl; realistic: <task>_<modality>.jsonl
+                 (LLaVA form, subject-level splits stratified by sex, the same in every file)
     demo.yaml    the config used: rerun with `umbrella train -c <out>/demo.yaml`
     runs/...     the run folder (model, checkpoints, logs) and evaluation/
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +35,19 @@ from umbrella.config import UmbrellaConfig, load_config, save_config
 from umbrella.demo.cohort import DemoCohort, build_demo_cohort, normalize_modalities
 from umbrella.errors import ConfigError, UmbrellaError
 from umbrella.io import atomic_write_jsonl
-from umbrella.tasks.conversations import classification_record, subject_splits
-from umbrella.tasks.registry import SEX
+from umbrella.tasks.conversations import (
+    classification_record,
+    draw_questions,
+    subject_splits,
+    task_record,
+)
+from umbrella.tasks.registry import AGE, SEX
 
 DEMO_SPLITS = (0.6, 0.2, 0.2)
 FIELD_OF_VIEW_MM = 96 * 2.1  # every demo grid covers the same 201.6 mm
 QUESTION_STREAM = {"T1": None, "rsfMRI": 1, "dMRI": 2}  # phrasing draws per modality
+REALISTIC_FOV_MM = (224.0, 256.0, 224.0)  # the realistic cohort's field of view (every grid)
+AGE_YEARS = replace(AGE, decimals=0)  # realistic ages are whole years: answers read "57 years"
 
 
 @dataclass
@@ -84,29 +102,94 @@ def write_sex_records(cohort: DemoCohort, path: Path, seed: int,
     return atomic_write_jsonl(path, rows)
 
 
-def demo_config(out: Path, records: Path, cohort_root: Path, image_size: int, patch: int,
-                seed: int, overrides: list[str], *, modalities=("T1",), aux_size: int = 48,
-                aux_patch: int = 8, sequence_length: int = 8) -> UmbrellaConfig:
-    """The demo's config: T1 ``image_size``^3 / ``patch``; rsfMRI and dMRI ``aux_size``^3 /
-    ``aux_patch`` (rsfMRI windows of ``sequence_length`` frames, one time patch per window,
-    window starts every 4 frames); proportional modality mixing; 200 steps for T1 alone,
-    100 per modality for several."""
+def _task_modalities(cohort: DemoCohort, tasks) -> dict[str, tuple[str, ...]]:
+    """{task: modalities}; default: sex from every modality of the cohort, age from T1."""
+    plan = {"sex": cohort.modalities, "age": ("T1",)} if tasks is None else \
+        {t: tuple(ms) for t, ms in dict(tasks).items()}
+    problems = [f"unknown task {t!r}: the demo writes sex and age" for t in plan
+                if t not in ("sex", "age")]
+    for t, ms in plan.items():
+        problems += [f"task {t}: the cohort at {cohort.root} has no {m} images; build it with "
+                     f"modalities including {m!r}" for m in ms if m not in cohort.modalities]
+    if problems or not any(plan.values()):
+        raise ConfigError(problems or ["tasks is empty: give e.g. {'sex': ['T1']}"],
+                          source="write_records")
+    return {t: ms for t, ms in plan.items() if ms}
+
+
+def write_records(cohort: DemoCohort, out_dir: Path, seed: int = 0,
+                  tasks: dict | None = None) -> dict[str, list[Path]]:
+    """One JSONL per task and modality, ``<out_dir>/<task>_<modality>.jsonl``, one question per
+    subject, id ``<subject>_<task>_<modality>``; returns {modality: [files]} for the config.
+
+    ``tasks`` maps a task (sex, age) to its modalities; default: sex from every modality of the
+    cohort, age from T1. The split is by subject (60/20/20), stratified by sex, and the same in
+    every file. Age answers: whole years on the realistic cohort ("57 years", the age task with 0
+    decimals, recorded in ``metadata.task_spec``), the registry's age form on the basic one.
+    """
+    plan = _task_modalities(cohort, tasks)
+    split = subject_splits([s.subject_id for s in cohort.subjects],
+                           [s.sex for s in cohort.subjects], DEMO_SPLITS, seed=12345 + seed)
+    age_spec = AGE_YEARS if cohort.variant == "realistic" else AGE
+    out: dict[str, list[Path]] = {}
+    for task, modalities in plan.items():
+        for m in modalities:
+            rng = np.random.default_rng([seed, zlib.crc32(f"{task}/{m}".encode())])
+            rows = []
+            for s in cohort.subjects:
+                images, rid = [{"modality": m, "path": s.path(m)}], f"{s.subject_id}_{task}_{m}"
+                if task == "sex":
+                    rec = classification_record(SEX, subject_id=s.subject_id, answer=s.sex,
+                                                images=images, study="DEMO",
+                                                split=split[s.subject_id], rng=rng,
+                                                metadata={"age": s.age}) | {"id": rid}
+                else:
+                    value = round(s.age) if age_spec.decimals == 0 else s.age
+                    own = {} if age_spec == AGE else {"task_spec": age_spec.to_dict()}
+                    rec = task_record(age_spec, subject_id=s.subject_id,
+                                      answer=age_spec.format_answer(value), images=images,
+                                      study="DEMO", split=split[s.subject_id],
+                                      question=draw_questions(age_spec, 1, rng)[0],
+                                      record_id=rid, metadata={"value": value, **own})
+                rows.append(rec)
+            path = atomic_write_jsonl(Path(out_dir) / f"{task}_{m}.jsonl", rows)
+            out.setdefault(m, []).append(path)
+    return out
+
+
+def _triple(size) -> list[int]:
+    return [int(size)] * 3 if isinstance(size, int | np.integer) else [int(n) for n in size]
+
+
+def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
+                seed: int, overrides: list[str], *, modalities=("T1",), aux_size=48,
+                aux_patch: int = 8, sequence_length: int = 8,
+                steps: int | None = None) -> UmbrellaConfig:
+    """The demo's config: T1 ``image_size`` (an int for a cube, or 3 ints) / ``patch``; rsfMRI
+    and dMRI ``aux_size`` / ``aux_patch`` (rsfMRI windows of ``sequence_length`` frames, one time
+    patch per window, window starts every 4 frames); proportional modality mixing; ``steps``
+    default: 200 for T1 alone, 100 per modality for several. ``records``: one file for every
+    modality, or {modality: [files]}."""
+    size, aux = _triple(image_size), _triple(aux_size)
+    files = records if isinstance(records, dict) else {m: [records] for m in modalities}
     sections = {
-        "T1": [f"image_size=[{image_size},{image_size},{image_size}]",
+        "T1": [f"image_size=[{size[0]},{size[1]},{size[2]}]",
                f"patch_size=[{patch},{patch},{patch}]"],
-        "rsfMRI": [f"image_size=[{aux_size},{aux_size},{aux_size}]",
+        "rsfMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                    f"patch_size=[{aux_patch},{aux_patch},{aux_patch},{sequence_length}]",
                    f"sequence_length={sequence_length}", "stride_within_seq=1",
                    "stride_between_seq=4", "eval_windows=first", "normalize=zscore_run"],
-        "dMRI": [f"image_size=[{aux_size},{aux_size},{aux_size}]",
+        "dMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                  f"patch_size=[{aux_patch},{aux_patch},{aux_patch}]", "dmri_map=FA"],
     }
     base = []
     for m in modalities:
-        base += [f"dataset.{m}.{kv}" for kv in [f"records=[{records}]",
+        listed = ",".join(str(f) for f in files[m])
+        base += [f"dataset.{m}.{kv}" for kv in [f"records=[{listed}]",
                                                 f"data_root={cohort_root}", "studies=[DEMO]"]
                  + sections[m]]
-    steps = 200 if len(modalities) == 1 else 100 * len(modalities)
+    if steps is None:
+        steps = 200 if len(modalities) == 1 else 100 * len(modalities)
     base += ["dataset.memoize=true", "dataset.mixing=proportional",
              f"training.output_dir={out / 'runs'}", f"training.seed={seed}",
              f"training.max_steps={steps}", "training.eval_steps=50",
@@ -139,60 +222,146 @@ def _accuracy_line(per_modality: dict) -> str:
 
 
 def _ask(model_dir: Path, test: list, modalities, log) -> tuple[str, str, str, dict]:
-    """Ask one held-out subject's sex from each modality's scan."""
+    """Ask one held-out subject's sex from each modality's scan (and its age, where the records
+    hold an age question); returns the sex question, the first answer, its truth, all answers."""
     from umbrella.inference import BrainAssistant
 
     assistant, question, answers = BrainAssistant(model_dir), SEX.questions[0], {}
-    subject = test[0].subject_id
-    for m in modalities:
-        rec = next((r for r in test if r.subject_id == subject and r.modalities == (m,)), None)
+    subject, truth = test[0].subject_id, ""
+    asks = [("sex", m, question) for m in modalities] + [("age", "T1", AGE.questions[0])]
+    for task, m, text in asks:
+        rec = next((r for r in test if r.subject_id == subject and r.modalities == (m,)
+                    and r.task == task), None)
         if rec is None:
             continue
         try:
-            answers[m] = assistant.ask(question, [(im.modality, im.path) for im in rec.images])
+            answer = assistant.ask(text, [(im.modality, im.path) for im in rec.images])
         except (UmbrellaError, ValueError) as exc:
             log(f"      {m}: cannot ask yet ({type(exc).__name__}: {exc})")
             continue
-        log(f"      {subject} [{m}]: Q: {question}  A: {answers[m]}  (truth: {rec.answer})")
+        if task == "sex":
+            answers[m], truth = answer, truth or rec.answer
+        else:
+            answers[f"{m} age"] = answer
+        log(f"      {subject} [{m}]: Q: {text}  A: {answer}  (truth: {rec.answer})")
     first = next(iter(answers.values()), "")
-    return question, first, test[0].answer, answers
+    return question, first, truth or test[0].answer, answers
 
 
-def run_demo(out: str | Path = "umbrella-demo", *, seed: int = 0, n_subjects: int = 200,
-             image_size: int = 96, patch: int = 16, overrides: list[str] = (),
-             progress: bool = True, log=print, modalities=("T1",), aux_size: int = 48,
-             aux_patch: int = 8, n_frames: int = 24, sequence_length: int = 8) -> DemoResult:
+@dataclass
+class DemoPlan:
+    """What :func:`prepare_demo` built: enough to train (``umbrella train -c config_path``)."""
+
+    cohort: DemoCohort
+    records: dict[str, list[Path]]  # {modality: records files}
+    config: UmbrellaConfig
+    config_path: Path
+    modalities: tuple[str, ...]  # the modalities trained on
+    truth: dict | None = None  # the cohort's truth.json (realistic cohorts)
+
+
+def _realistic_grid(size, default) -> tuple[tuple[int, int, int], float]:
+    """A realistic-cohort grid (3 ints, or None for ``default``) over REALISTIC_FOV_MM, and its
+    voxel size; the grid must cover that field of view with isotropic voxels."""
+    grid = tuple(default if size is None else _triple(size))
+    voxels = [fov / n for fov, n in zip(REALISTIC_FOV_MM, grid, strict=True)]
+    if max(voxels) - min(voxels) > 1e-9:
+        raise ConfigError(f"a realistic-cohort grid must cover {REALISTIC_FOV_MM} mm with "
+                          f"isotropic voxels (e.g. [112,128,112] at 2 mm, [56,64,56] at 4 mm); "
+                          f"got {list(grid)}", source="run_demo")
+    return grid, voxels[0]
+
+
+def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: int = 0,
+                 n_subjects: int | None = None, image_size=None, patch: int | None = None,
+                 overrides: Sequence[str] = (), progress: bool = True, log=print,
+                 modalities=("T1",), aux_size=None, aux_patch: int | None = None,
+                 n_frames: int = 24, sequence_length: int = 8, workers: int = 2) -> DemoPlan:
+    """Cohort -> records -> config (written to ``<out>/demo.yaml``), without training.
+
+    ``cohort="basic"``: 200 subjects, T1 96^3 / patch 16, rsfMRI/dMRI 48^3 / patch 8, sex
+    records. ``cohort="realistic"``: 400 subjects, T1 [112,128,112] (2 mm) / patch 16,
+    rsfMRI/dMRI [56,64,56] (4 mm) / patch 8, records for sex from every modality and age from T1,
+    200 training steps per records file.
+    """
+    from umbrella.demo.modalities import DmriSettings, FmriSettings
+
+    out = Path(out).resolve()
+    names = modalities.split(",") if isinstance(modalities, str) else list(modalities)
+    mods, problems = normalize_modalities(names)
+    if cohort not in ("basic", "realistic"):
+        problems.append(f"cohort must be basic or realistic, got {cohort!r}")
+    if problems:
+        raise ConfigError(problems, source="run_demo")
+    used = tuple(m for m in mods if m in names)
+    if cohort == "basic":
+        n_subjects = 200 if n_subjects is None else n_subjects
+        image_size, patch = 96 if image_size is None else image_size, patch or 16
+        aux_size, aux_patch = 48 if aux_size is None else aux_size, aux_patch or 8
+        aux_voxel = FIELD_OF_VIEW_MM / aux_size
+        log(f"[1/5] building the demo cohort ({n_subjects} subjects; {', '.join(mods)}) in "
+            f"{out / 'cohort'}")
+        built = build_demo_cohort(out / "cohort", n_subjects, seed=seed,
+                                  image_size=(image_size,) * 3,
+                                  voxel_mm=FIELD_OF_VIEW_MM / image_size, progress=progress,
+                                  modalities=mods, workers=workers,
+                                  rsfmri=FmriSettings((aux_size,) * 3, aux_voxel, n_frames),
+                                  dmri=DmriSettings((aux_size,) * 3, aux_voxel))
+        records = out / "records" / f"sex_{'_'.join(used)}.jsonl"
+        write_sex_records(built, records, seed, modalities=used)
+        files, steps, truth = {m: [records] for m in used}, None, None
+    else:
+        n_subjects = 400 if n_subjects is None else n_subjects
+        grid, voxel = _realistic_grid(image_size, (112, 128, 112))
+        aux, aux_voxel = _realistic_grid(aux_size, (56, 64, 56))
+        patch, aux_patch = patch or 16, aux_patch or 8
+        log(f"[1/5] building the realistic demo cohort ({n_subjects} subjects; "
+            f"{', '.join(mods)}) in {out / 'cohort'}")
+        built = build_demo_cohort(out / "cohort", n_subjects, variant="realistic", seed=seed,
+                                  image_size=grid, voxel_mm=voxel, progress=progress,
+                                  modalities=mods, workers=workers,
+                                  rsfmri=FmriSettings(aux, aux_voxel, n_frames),
+                                  dmri=DmriSettings(aux, aux_voxel))
+        files = write_records(built, out / "records", seed,
+                              tasks={"sex": used, "age": ("T1",) if "T1" in used else ()})
+        steps = 200 * sum(len(v) for v in files.values())
+        image_size, aux_size = grid, aux
+        truth = json.loads((built.root / "truth.json").read_text(encoding="utf-8"))
+        for task, by in truth["tasks"].items():
+            for m, t in by.items():
+                if m in used:
+                    log(f"      achievable {task} {t['metric']} from {m}: {t['achievable']:g} "
+                        f"({t['note']})")
+    cfg = demo_config(out, files, built.root, image_size, patch, seed, list(overrides),
+                      modalities=used, aux_size=aux_size, aux_patch=aux_patch,
+                      sequence_length=sequence_length, steps=steps)
+    save_config(cfg, out / "demo.yaml")
+    return DemoPlan(built, files, cfg, out / "demo.yaml", used, truth)
+
+
+def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: int = 0,
+             n_subjects: int | None = None, image_size=None, patch: int | None = None,
+             overrides: list[str] = (), progress: bool = True, log=print, modalities=("T1",),
+             aux_size=None, aux_patch: int | None = None, n_frames: int = 24,
+             sequence_length: int = 8) -> DemoResult:
     """Cohort -> records -> config -> train -> evaluate -> ask. ``modalities`` picks the scans
     trained on (one model for all); rsfMRI/dMRI use ``aux_size``^3 grids over the T1's field of
-    view with ``aux_patch`` patches, rsfMRI runs of ``n_frames`` frames (TR 2 s)."""
+    view with ``aux_patch`` patches, rsfMRI runs of ``n_frames`` frames (TR 2 s). ``cohort`` and
+    the defaults of the sizes: see :func:`prepare_demo`."""
     from umbrella.data.catalog import by_split, load_config_records
-    from umbrella.demo.modalities import DmriSettings, FmriSettings
     from umbrella.evaluation.evaluate import evaluate_records
     from umbrella.evaluation.report import metrics_table
     from umbrella.training.run import train
 
     start, out = time.time(), Path(out).resolve()
-    names = modalities.split(",") if isinstance(modalities, str) else list(modalities)
-    mods, problems = normalize_modalities(names)
-    if problems:
-        raise ConfigError(problems, source="run_demo")
-    aux_voxel = FIELD_OF_VIEW_MM / aux_size
-    log(f"[1/5] building the demo cohort ({n_subjects} subjects; {', '.join(mods)}) in "
-        f"{out / 'cohort'}")
-    cohort = build_demo_cohort(out / "cohort", n_subjects, seed=seed,
-                               image_size=(image_size,) * 3, voxel_mm=FIELD_OF_VIEW_MM / image_size,
-                               progress=progress, modalities=mods,
-                               rsfmri=FmriSettings((aux_size,) * 3, aux_voxel, n_frames),
-                               dmri=DmriSettings((aux_size,) * 3, aux_voxel))
-    used = tuple(m for m in mods if m in names)
-    records = write_sex_records(cohort, out / "records" / f"sex_{'_'.join(used)}.jsonl", seed,
-                                modalities=used)
-    cfg = demo_config(out, records, cohort.root, image_size, patch, seed, list(overrides),
-                      modalities=used, aux_size=aux_size, aux_patch=aux_patch,
-                      sequence_length=sequence_length)
-    save_config(cfg, out / "demo.yaml")
-    log(f"[2/5] training the '{cfg.model.preset}' preset on sex from {', '.join(used)} for "
-        f"{cfg.training.max_steps} steps (config: {out / 'demo.yaml'})")
+    plan = prepare_demo(out, cohort=cohort, seed=seed, n_subjects=n_subjects,
+                        image_size=image_size, patch=patch, overrides=overrides,
+                        progress=progress, log=log, modalities=modalities, aux_size=aux_size,
+                        aux_patch=aux_patch, n_frames=n_frames, sequence_length=sequence_length)
+    cfg, used = plan.config, plan.modalities
+    tasks = "sex and age" if cohort == "realistic" else "sex"
+    log(f"[2/5] training the '{cfg.model.preset}' preset on {tasks} from {', '.join(used)} for "
+        f"{cfg.training.max_steps} steps (config: {plan.config_path})")
     trained = train(cfg, progress=progress)
     log(f"      trained in {trained.seconds:.0f} s, mean training loss {trained.train_loss:.3f}")
     log(f"[3/5] evaluating on the held-out '{cfg.evaluation.split}' split")

@@ -1,0 +1,405 @@
+"""The ``realistic`` demo cohort: planted effects that overlap as real ones do, with their truth.
+
+The ``basic`` cohort (:mod:`umbrella.demo.cohort`) plants effects a tiny model cannot miss (the
+sexes' brain scales do not overlap). This variant plants them as a researcher meets them, so that
+a model's score can be read against the best score the planted variables allow. Every subject has
+three hidden variables, drawn from ``SeedSequence([seed, index, LATENT_STREAM])`` in a fixed
+order that does not depend on sex (sex only shifts their means):
+
+* **sex -> global brain scale (T1, dMRI).** ``scale = 1 + d + s*z`` for males and ``1 - d + s*z``
+  for females, ``z`` standard normal truncated at +-4 (the field of view is bounded), with
+  ``d = SEX_SCALE_SHIFT = 0.018`` and ``s = SEX_SCALE_SD = 0.0147``: a male/female brain-volume
+  ratio of ``((1+d)/(1-d))**3 = 1.114`` (real intracranial volumes differ by ~10-12 %). The
+  Bayes-optimal rule from the scale alone (male iff scale > 1) is right with probability
+  ``(Phi(d/s) - Phi(-4)) / (1 - 2 Phi(-4)) = 0.8895``.
+* **age -> brain age -> ventricles and cortex (T1; ventricles also in rsfMRI and dMRI).** Age is
+  a whole number of years, uniform on ``AGE_RANGE = 40..85``. The brain ages as ``b = age +
+  N(0, BRAIN_AGE_SD = 4 y)``; with ``f = clip((b - 20) / 65, 0, 1.4)`` (0 at 20 y, 1 at 85 y):
+  the lateral ventricles grow by the radial pull ``VENTRICLE_GAIN * f**2`` (accelerating: 0.04
+  at 40 y, 0.30 at 85 y, up to ~1.4x in radius at the core), the cortex thins (``GM_THINNING * f``
+  of the GM-CSF contrast lost in grey matter) and the sulci widen (``SULCAL_WIDENING * f`` more
+  of it lost where grey matter borders CSF in the outer ``SULCAL_DEPTH_MM`` of the brain). The
+  best achievable mean absolute error from ``b`` is that of the posterior median of the age
+  given ``b`` under the uniform prior (:func:`achievable_age_mae`, about ``0.798 * 4`` y away from
+  the range ends, less near them).
+* **sex -> DMN-FPN connectivity (rsfMRI only).** The Fisher-z coupling ``c = +mu + s_c*z`` for
+  males, ``-mu + s_c*z`` for females (``mu = 0.30, s_c = 0.25``), sets the exact sample
+  correlation ``tanh(c)`` of the two networks' series (see :func:`umbrella.demo.modalities.
+  network_signals`). Bayes accuracy from ``c``: ``Phi(mu / s_c) = 0.885``. The rsfMRI run's
+  anatomy does NOT depend on sex: its brain scale is ``1 + sqrt(d^2 + s^2) * z'`` (one
+  sex-independent distribution with the population's spread), so only connectivity tells sex.
+
+Nuisance, as in native-space scans: rotation uniform +-8 deg per axis, translation uniform
++-8 mm, gain uniform x[0.85, 1.15], a smooth 2nd-order polynomial bias field with peak deviation
+uniform in [0, 20 %], Gaussian noise of sd 3 % of the white-matter level (magnitude image). T1
+images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
+largest rotation and translation stays inside, checked by :func:`fov_slack_mm` when a cohort is
+built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm over the same field of view; all are
+stored in LAS orientation (x flipped: radiological, as FSL writes) as int16 NIfTI with
+scl_slope. Frame-folder rsfMRI runs stay RAS (their format has no affine).
+
+The cohort root gets ``truth.json`` (the achievable score per task and modality, and every
+planted parameter) and ``planted.csv`` (each subject's hidden variables).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from umbrella.demo import cohort as _cohort
+
+VARIANTS = ("basic", "realistic")
+LATENT_STREAM = 3  # SeedSequence([seed, index, 3]): the hidden variables (1, 2: rsfMRI, dMRI)
+TRUTH = "truth.json"
+PLANTED = "planted.csv"
+
+SEX_SCALE_SHIFT = 0.018  # d: male scale 1 + d, female 1 - d
+SEX_SCALE_SD = 0.0147  # s: within-sex sd of the scale (d/s = 1.224)
+TRUNCATE_SD = 4.0  # scale latents are truncated at +-4 sd (a bounded field of view)
+RSFMRI_SCALE_SD = math.hypot(SEX_SCALE_SHIFT, SEX_SCALE_SD)  # sex-independent rsfMRI anatomy
+AGE_RANGE = (40, 85)  # whole years, uniform, both ends included
+BRAIN_AGE_SD = 4.0  # b = age + N(0, sd)
+AGE_ORIGIN, AGE_SPAN, AGE_FRACTION_MAX = 20.0, 65.0, 1.4  # f = clip((b - 20) / 65, 0, 1.4)
+VENTRICLE_GAIN = 0.30  # radial pull = gain * f**2
+GM_THINNING = 0.20  # fraction of the GM-CSF contrast lost = k * f * p_gm
+SULCAL_WIDENING = 0.35  # more of it lost = k * f * sulcal map
+SULCAL_DEPTH_MM = 12.0  # the sulcal map lives within this distance of the brain's surface
+SULCAL_SMOOTH_MM = 2.0  # sigma of the CSF neighbourhood that defines "borders CSF"
+COUPLING_MEAN = 0.30  # Fisher z of the DMN-FPN correlation: male +mu, female -mu
+COUPLING_SD = 0.25
+ROTATION_DEG = 8.0
+TRANSLATION_MM = 8.0
+GAIN_RANGE = 0.15
+BIAS_MAX = 0.20
+NOISE_SD = 0.03  # times the (gained) white-matter level
+IMAGE_SIZE = (112, 128, 112)  # T1 grid at VOXEL_MM
+VOXEL_MM = 2.0
+SESSION_IMAGE_SIZE = (56, 64, 56)  # rsfMRI / dMRI grid at SESSION_VOXEL_MM
+SESSION_VOXEL_MM = 4.0
+ORIENTATION = ("L", "A", "S")  # axis codes of the stored images
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+# ----------------------------------------------------------------------------- latent variables
+
+@dataclass(frozen=True)
+class Latents:
+    """One subject's hidden variables (the planted causes of what the images show)."""
+
+    scale: float  # T1 / dMRI global brain scale (depends on sex)
+    brain_age: float  # years; drives ventricles, cortical thinning, sulcal widening
+    rsfmri_scale: float  # rsfMRI run's brain scale (does NOT depend on sex)
+    coupling: float  # Fisher z of the DMN-FPN correlation in the rsfMRI run (depends on sex)
+
+
+def _truncated_normal(rng: np.random.Generator) -> float:
+    """N(0, 1) truncated to +-TRUNCATE_SD, by inverse CDF: exactly one draw."""
+    from scipy.special import ndtr, ndtri
+
+    lo = ndtr(-TRUNCATE_SD)
+    return float(ndtri(lo + rng.uniform() * (1 - 2 * lo)))
+
+
+def subject_latents(seed: int, index: int, sex: str, age: float) -> Latents:
+    """The hidden variables of subject ``index``; the random draws do not depend on ``sex``."""
+    if sex not in ("male", "female"):
+        raise ValueError(f"sex must be 'male' or 'female', got {sex!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, LATENT_STREAM]))
+    z_scale, e_age = _truncated_normal(rng), float(rng.standard_normal())
+    z_rsfmri, z_coupling = _truncated_normal(rng), float(rng.standard_normal())
+    sign = 1.0 if sex == "male" else -1.0
+    return Latents(scale=1 + sign * SEX_SCALE_SHIFT + SEX_SCALE_SD * z_scale,
+                   brain_age=float(age) + BRAIN_AGE_SD * e_age,
+                   rsfmri_scale=1 + RSFMRI_SCALE_SD * z_rsfmri,
+                   coupling=sign * COUPLING_MEAN + COUPLING_SD * z_coupling)
+
+
+def draw_ages(n_subjects: int, seed: int) -> np.ndarray:
+    """Whole years, uniform on AGE_RANGE (both ends included)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0xC1,)))
+    return rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1, n_subjects)
+
+
+def age_fraction(brain_age: float) -> float:
+    return float(np.clip((brain_age - AGE_ORIGIN) / AGE_SPAN, 0.0, AGE_FRACTION_MAX))
+
+
+def ventricle_pull(brain_age: float) -> float:
+    """Radial pull towards the ventricle centre at its core (accelerating with brain age)."""
+    return VENTRICLE_GAIN * age_fraction(brain_age) ** 2
+
+
+# ----------------------------------------------------------------------------- what is achievable
+
+def achievable_sex_accuracy_scale() -> float:
+    """Bayes accuracy of sex from the brain scale (equal priors, threshold at 1), exact: the
+    truncation is symmetric about each mean and wider than the gap, so the rule stays 'scale > 1'."""
+    tail = _phi(-TRUNCATE_SD)
+    return (_phi(SEX_SCALE_SHIFT / SEX_SCALE_SD) - tail) / (1 - 2 * tail)
+
+
+def achievable_sex_accuracy_coupling() -> float:
+    """Bayes accuracy of sex from the rsfMRI coupling (equal priors, threshold at 0)."""
+    return _phi(COUPLING_MEAN / COUPLING_SD)
+
+
+def achievable_age_mae(age_range=AGE_RANGE, sd: float = BRAIN_AGE_SD, step: float = 0.005) -> float:
+    """Mean absolute error of the Bayes estimator of age from the brain age ``b``.
+
+    Ages are whole years uniform on ``age_range``; ``b = age + N(0, sd)``. For absolute error the
+    Bayes estimator is the posterior median of age given ``b``; its expected error is integrated
+    over ``b`` on a grid of ``step`` years (exact up to that quadrature).
+    """
+    ages = np.arange(age_range[0], age_range[1] + 1, dtype=np.float64)
+    b = np.arange(ages[0] - 8 * sd, ages[-1] + 8 * sd + step, step)
+    lik = np.exp(-0.5 * ((b[:, None] - ages[None, :]) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    p_b = lik.mean(axis=1)  # density of b (uniform prior over the ages)
+    post = lik / lik.sum(axis=1, keepdims=True)
+    median = ages[np.argmax(np.cumsum(post, axis=1) >= 0.5, axis=1)]
+    loss = (post * np.abs(ages[None, :] - median[:, None])).sum(axis=1)
+    return float((p_b * loss).sum() * step)
+
+
+def bayes_age(brain_age: np.ndarray, age_range=AGE_RANGE, sd: float = BRAIN_AGE_SD) -> np.ndarray:
+    """The posterior median of age given brain age (the estimator behind achievable_age_mae)."""
+    ages = np.arange(age_range[0], age_range[1] + 1, dtype=np.float64)
+    b = np.atleast_1d(np.asarray(brain_age, dtype=np.float64))
+    lik = np.exp(-0.5 * ((b[:, None] - ages[None, :]) / sd) ** 2)
+    post = lik / lik.sum(axis=1, keepdims=True)
+    return ages[np.argmax(np.cumsum(post, axis=1) >= 0.5, axis=1)]
+
+
+def planted_parameters() -> dict:
+    """Every parameter of the planted model (truth.json "planted", manifest "planted")."""
+    return {
+        "sex": {"T1_dMRI_brain_scale": {
+                    "male": f"1 + {SEX_SCALE_SHIFT} + {SEX_SCALE_SD} * z",
+                    "female": f"1 - {SEX_SCALE_SHIFT} + {SEX_SCALE_SD} * z",
+                    "shift": SEX_SCALE_SHIFT, "sd": SEX_SCALE_SD,
+                    "z": f"N(0, 1) truncated at +-{TRUNCATE_SD}",
+                    "volume_ratio_male_over_female":
+                        round(((1 + SEX_SCALE_SHIFT) / (1 - SEX_SCALE_SHIFT)) ** 3, 4)},
+                "rsfMRI_connectivity": {
+                    "networks": ["DMN", "FPN"], "fisher_z_male": f"+{COUPLING_MEAN} + "
+                    f"{COUPLING_SD} * N(0, 1)", "fisher_z_female": f"-{COUPLING_MEAN} + "
+                    f"{COUPLING_SD} * N(0, 1)", "mean": COUPLING_MEAN, "sd": COUPLING_SD,
+                    "law": "exact sample correlation of the two networks' series = tanh(z)"},
+                "rsfMRI_brain_scale": {"law": f"1 + {RSFMRI_SCALE_SD:.5f} * z, z N(0, 1) "
+                                              f"truncated at +-{TRUNCATE_SD}, same for both sexes",
+                                       "sd": RSFMRI_SCALE_SD},
+                "balance": "exactly n/2 of each sex (one extra drawn when n is odd)"},
+        "age": {"range_years": list(AGE_RANGE), "distribution": "whole years, uniform",
+                "brain_age": f"age + N(0, {BRAIN_AGE_SD})", "brain_age_sd": BRAIN_AGE_SD,
+                "age_fraction": f"f = clip((b - {AGE_ORIGIN}) / {AGE_SPAN}, 0, {AGE_FRACTION_MAX})",
+                "ventricle_enlargement": {
+                    "law": f"pull = {VENTRICLE_GAIN} * f^2 * exp(-r^2 / 2 sigma^2)",
+                    "gain": VENTRICLE_GAIN, "centre_mni_mm": list(_cohort.VENTRICLE_CENTRE_MM),
+                    "sigma_mm": _cohort.VENTRICLE_SIGMA_MM, "modalities": ["T1", "rsfMRI", "dMRI"]},
+                "grey_matter_thinning": {"law": f"t1 -= {GM_THINNING} * f * p_gm * (t1 - csf)",
+                                         "gain": GM_THINNING, "modalities": ["T1"]},
+                "sulcal_widening": {"law": f"t1 -= {SULCAL_WIDENING} * f * sulcal * (t1 - csf)",
+                                    "gain": SULCAL_WIDENING,
+                                    "sulcal": "p_gm * CSF neighbourhood (Gaussian sigma "
+                                              f"{SULCAL_SMOOTH_MM} mm, scaled to max 1) within "
+                                              f"{SULCAL_DEPTH_MM} mm of the brain surface",
+                                    "modalities": ["T1"]}},
+        "nuisance": {"rotation_deg": ROTATION_DEG, "translation_mm": TRANSLATION_MM,
+                     "gain": [1 - GAIN_RANGE, 1 + GAIN_RANGE],
+                     "bias_field": f"2nd-order polynomial, peak deviation U(0, {BIAS_MAX})",
+                     "noise_sd_fraction_of_wm": NOISE_SD},
+        "geometry": {"orientation": "".join(ORIENTATION), "dtype_on_disk": "int16 with scl_slope",
+                     "white_matter_level": _cohort.WM_LEVEL},
+        "seeds": {"hidden_variables": f"SeedSequence([seed, index, {LATENT_STREAM}])",
+                  "T1_nuisance": "SeedSequence([seed, index])",
+                  "ages": "SeedSequence(seed, spawn_key=(0xC1,))"},
+    }
+
+
+def truth(modalities) -> dict:
+    """truth.json: the achievable score per task and modality, and the planted model."""
+    scale = {"metric": "accuracy", "achievable": round(achievable_sex_accuracy_scale(), 6),
+             "note": "Bayes-optimal from the planted brain scale"}
+    age = {"metric": "mae", "achievable": round(achievable_age_mae(), 4),
+           "note": "Bayes-optimal (posterior median) from the planted brain age "
+                   f"b = age + N(0, {BRAIN_AGE_SD}) under the uniform prior on "
+                   f"{AGE_RANGE[0]}..{AGE_RANGE[1]} years"}
+    sex = {"T1": scale}
+    ages = {"T1": age}
+    if "rsfMRI" in modalities:
+        sex["rsfMRI"] = {"metric": "accuracy",
+                         "achievable": round(achievable_sex_accuracy_coupling(), 6),
+                         "note": "Bayes-optimal from the planted DMN-FPN coupling; the run's "
+                                 "anatomy carries no sex"}
+        ages["rsfMRI"] = age | {"note": age["note"] + " (ventricles only in this modality)"}
+    if "dMRI" in modalities:
+        sex["dMRI"] = dict(scale)
+        ages["dMRI"] = age | {"note": age["note"] + " (ventricles only in this modality)"}
+    return {"variant": "realistic", "tasks": {"sex": sex, "age": ages},
+            "planted": planted_parameters()}
+
+
+def planted_text(subjects, latents) -> str:
+    """planted.csv: subject_id, sex, age and the subject's hidden variables."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    names = list(asdict(latents[0])) if latents else []
+    writer.writerow(["subject_id", "sex", "age", *names])
+    for s, lat in zip(subjects, latents, strict=True):
+        writer.writerow([s.subject_id, s.sex, f"{s.age:g}",
+                         *(f"{v:.6f}" for v in asdict(lat).values())])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- template maps
+
+_SULCAL: tuple[int, np.ndarray] | None = None  # (id of the template it was built from, map)
+
+
+def _build_sulcal(tpl) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    if tpl.wm is None or tpl.mask is None:
+        raise RuntimeError("the demo template lacks WM/mask maps; reload it with _load_template")
+    voxel = float(abs(np.linalg.inv(tpl.inv_affine)[0, 0]))
+    mask = tpl.mask
+    csf = np.clip(1 - tpl.gm - tpl.wm, 0, 1) * mask
+    near = gaussian_filter(csf.astype(np.float32), SULCAL_SMOOTH_MM / voxel)
+    depth = distance_transform_edt(mask) * voxel
+    sulcal = tpl.gm * near * (depth <= SULCAL_DEPTH_MM)
+    return (sulcal / max(float(sulcal.max()), 1e-6)).astype(np.float32)
+
+
+def sulcal_map() -> np.ndarray:
+    """GM next to CSF in the outer cortex, in [0, 1]; built once per process (~0.5 s)."""
+    global _SULCAL
+    tpl = _cohort._template()
+    if _SULCAL is None or _SULCAL[0] != id(tpl):
+        _SULCAL = (id(tpl), _build_sulcal(tpl))
+    return _SULCAL[1]
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+def draw_position(rng: np.random.Generator) -> dict:
+    """Head rotation and translation of one scan."""
+    angles = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, 3))
+    return {"rotation": _cohort._rotation(angles),
+            "translation": rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3)}
+
+
+def aged_t1(brain_age: float) -> np.ndarray:
+    """The template T1 (WM = 1) with cortical thinning and sulcal widening of ``brain_age``."""
+    tpl = _cohort._template()
+    f = age_fraction(brain_age)
+    loss = (GM_THINNING * f) * tpl.gm + (SULCAL_WIDENING * f) * sulcal_map()
+    return (tpl.t1 - loss * (tpl.t1 - tpl.csf_level)).astype(np.float32)
+
+
+def synthesize_t1(job) -> np.ndarray:
+    """Float32 T1 (RAS+ grid) of one realistic subject; job is a cohort ``_Job`` carrying the
+    subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``."""
+    from scipy.ndimage import map_coordinates
+
+    tpl = _cohort._template()
+    rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
+    draw = draw_position(rng) | {"scale": job.scale}
+    gain = rng.uniform(1 - GAIN_RANGE, 1 + GAIN_RANGE)
+    bias_coef, bias_amp = rng.normal(size=9), rng.uniform(0.0, BIAS_MAX)
+    coords = _cohort._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age))
+    vol = map_coordinates(aged_t1(job.brain_age), coords, order=1, mode="constant", cval=0.0,
+                          prefilter=False)
+    vol *= _cohort.WM_LEVEL * gain
+    vol *= _cohort._bias_field(job.image_size, bias_coef, bias_amp)
+    noise = rng.standard_normal(job.image_size) * (NOISE_SD * _cohort.WM_LEVEL * gain)
+    return np.abs(vol + noise).astype(np.float32)
+
+
+def reorient(data: np.ndarray, affine: np.ndarray, axcodes=ORIENTATION):
+    """A RAS+ array (3D or 4D) and its affine -> the same image stored in ``axcodes`` order."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(axcodes)))
+    return (np.ascontiguousarray(apply_orientation(data, ornt)),
+            affine @ inv_ornt_aff(ornt, data.shape[:3]))
+
+
+# ----------------------------------------------------------------------------- field of view
+
+def _mask_surface_mm() -> np.ndarray:
+    """(n, 3) MNI mm of the template brain mask's surface voxels (the ones that could leave)."""
+    from scipy.ndimage import binary_erosion
+
+    tpl = _cohort._template()
+    surface = tpl.mask & ~binary_erosion(tpl.mask)
+    idx = np.argwhere(surface).astype(np.float64)
+    affine = np.linalg.inv(tpl.inv_affine)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _unwarp_ventricles(points: np.ndarray, pull: float) -> np.ndarray:
+    """Inverse of the ventricle warp (output-side point -> where it lands), by bisection on the
+    radius: r (1 - pull g(r)) = rho is increasing in r, so the root is unique."""
+    vc = np.asarray(_cohort.VENTRICLE_CENTRE_MM)
+    d = points - vc
+    rho = np.linalg.norm(d, axis=1)
+    if pull <= 0:
+        return points.copy()
+    lo, hi = rho.copy(), rho / (1 - pull)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        h = mid * (1 - pull * np.exp(-0.5 * (mid / _cohort.VENTRICLE_SIGMA_MM) ** 2))
+        below = h < rho
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    ratio = np.divide(hi, rho, out=np.ones_like(rho), where=rho > 0)
+    return vc + d * ratio[:, None]
+
+
+def brain_in_fov_mm(points: np.ndarray, scale: float, rotation: np.ndarray,
+                    translation, pull: float) -> np.ndarray:
+    """Where template points (n, 3; MNI mm) land in the subject's scan (world mm): the forward
+    map of the one that :func:`umbrella.demo.cohort._source_coords` samples backwards."""
+    centre = np.asarray(_cohort.FOV_CENTRE_MM)
+    x = _unwarp_ventricles(points, pull)
+    return centre + np.asarray(translation) + scale * (x - centre) @ np.asarray(rotation).T
+
+
+@functools.lru_cache(maxsize=16)
+def fov_slack_mm(image_size: tuple[int, int, int], voxel_mm: float, max_scale: float,
+                 n_random: int = 200, seed: int = 0) -> float:
+    """Smallest margin (mm) between the brain and the outermost voxel centres of the grid over
+    the worst draws: the largest scale, rotations at every corner of +-ROTATION_DEG (and
+    ``n_random`` random ones inside), the largest translation on every axis, no or the largest
+    ventricle pull; each template voxel counted with its half-diagonal. Negative: clipped."""
+    points = _mask_surface_mm()
+    half_voxel = max_scale * math.sqrt(3) * float(abs(np.linalg.inv(
+        _cohort._template().inv_affine)[0, 0])) / 2
+    corners = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)])
+    rng = np.random.default_rng(seed)
+    angles = np.concatenate([corners, rng.uniform(-1, 1, (n_random, 3)), np.zeros((1, 3))])
+    affine = _cohort.output_affine(image_size, voxel_mm)
+    lo = affine[:3, 3]
+    hi = lo + voxel_mm * (np.asarray(image_size) - 1)
+    centre, reach, slack = np.asarray(_cohort.FOV_CENTRE_MM), TRANSLATION_MM + half_voxel, math.inf
+    for pull in (0.0, VENTRICLE_GAIN * AGE_FRACTION_MAX ** 2):
+        x = max_scale * (_unwarp_ventricles(points, pull) - centre)
+        for a in angles:  # brain_in_fov_mm without translation, the unwarp done once per pull
+            p = centre + x @ _cohort._rotation(np.deg2rad(a * ROTATION_DEG)).T
+            slack = min(slack, float((p.min(axis=0) - reach - lo).min()),
+                        float((hi - p.max(axis=0) - reach).min()))
+    return slack
+
+
+def max_scale(modality: str) -> float:
+    """The largest brain scale a realistic scan of ``modality`` can draw."""
+    if modality == "rsfMRI":
+        return 1 + RSFMRI_SCALE_SD * TRUNCATE_SD
+    return 1 + SEX_SCALE_SHIFT + SEX_SCALE_SD * TRUNCATE_SD
