@@ -1,0 +1,342 @@
+"""Tests for the realistic demo cohort: its truth, its field of view, its rsfMRI, its records.
+
+Cohorts here are small: 8 mm voxels over the realistic 224 x 256 x 224 mm field of view.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from umbrella.demo import realistic as R
+from umbrella.demo.cohort import (
+    _Job,
+    _rotation,
+    _source_coords,
+    _template,
+    build_demo_cohort,
+    output_affine,
+)
+from umbrella.demo.modalities import FmriSettings, SessionJob, session_maps, synthesize_rsfmri
+from umbrella.errors import ConfigError
+
+GRID = (28, 32, 28)  # 8 mm over 224 x 256 x 224 mm
+SMALL = {"image_size": GRID, "voxel_mm": 8.0, "progress": False,
+         "rsfmri": FmriSettings(GRID, 8.0, n_frames=12, frame_folders=1)}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return build_demo_cohort(tmp_path_factory.mktemp("real"), 10, variant="realistic", seed=3,
+                             workers=2, modalities=("T1", "rsfMRI"), **SMALL)
+
+
+def _nifti(path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img
+
+
+# ----------------------------------------------------------------------------- truth
+
+def _latents(n: int, seed: int = 7) -> tuple[list[str], list[R.Latents]]:
+    sexes = ["male", "female"] * (n // 2)
+    return sexes, [R.subject_latents(seed, i, s, 60) for i, s in enumerate(sexes)]
+
+
+def test_sex_accuracy_written_matches_monte_carlo_of_planted_scale(cohort):
+    truth = json.loads((cohort.root / "truth.json").read_text())
+    written = truth["tasks"]["sex"]["T1"]["achievable"]
+    assert written == pytest.approx(0.8896, abs=5e-4)  # Phi(d/s) with d/s = 1.224
+    # the cohort's own sampler, classified by the Bayes rule "scale > 1"
+    sexes, lat = _latents(20000)
+    hits = np.mean([(x.scale > 1) == (s == "male") for s, x in zip(sexes, lat, strict=True)])
+    assert hits == pytest.approx(written, abs=0.01)  # 4.5 standard errors
+    # and the parameters written in truth.json, simulated independently
+    p = truth["planted"]["sex"]["T1_dMRI_brain_scale"]
+    z = np.random.default_rng(0).standard_normal(400000)
+    z = z[np.abs(z) < 4]
+    assert np.mean(p["shift"] + p["sd"] * z > 0) == pytest.approx(written, abs=0.003)
+
+
+def test_rsfmri_accuracy_written_matches_monte_carlo_of_planted_coupling(cohort):
+    truth = json.loads((cohort.root / "truth.json").read_text())
+    written = truth["tasks"]["sex"]["rsfMRI"]["achievable"]
+    assert 0.85 <= written <= 0.9
+    sexes, lat = _latents(20000)
+    hits = np.mean([(x.coupling > 0) == (s == "male") for s, x in zip(sexes, lat, strict=True)])
+    assert hits == pytest.approx(written, abs=0.01)
+
+
+def test_achievable_age_mae_is_the_bayes_error():
+    # far from the range ends it is the Gaussian's mean absolute deviation, 0.798 sd. The ends
+    # lower the average by c / (range width): extrapolate two widths to an endless range
+    short, long = (R.achievable_age_mae((0, w), sd=4.0, step=0.05) for w in (200, 400))
+    assert short < long < 2 * long - short == pytest.approx(math.sqrt(2 / math.pi) * 4.0, rel=0.01)
+    # inside a 45-year range the ends help: the written value is lower, and Monte Carlo of the
+    # posterior-median estimator agrees with the integral
+    mae = R.achievable_age_mae()
+    assert 2.5 < mae < math.sqrt(2 / math.pi) * R.BRAIN_AGE_SD
+    rng = np.random.default_rng(0)
+    ages = rng.integers(R.AGE_RANGE[0], R.AGE_RANGE[1] + 1, 200000)
+    b = ages + R.BRAIN_AGE_SD * rng.standard_normal(ages.size)
+    bayes = np.abs(R.bayes_age(b) - ages).mean()
+    assert bayes == pytest.approx(mae, abs=0.03)
+    naive = np.abs(np.clip(np.round(b), *R.AGE_RANGE) - ages).mean()  # read b, clip to range
+    assert bayes < naive
+
+
+def test_truth_json_shape(cohort):
+    truth = json.loads((cohort.root / "truth.json").read_text())
+    assert set(truth) == {"variant", "tasks", "planted"} and truth["variant"] == "realistic"
+    assert set(truth["tasks"]) == {"sex", "age"}
+    assert set(truth["tasks"]["sex"]) == {"T1", "rsfMRI"}  # as built: no dMRI here
+    for task, metric in (("sex", "accuracy"), ("age", "mae")):
+        entry = truth["tasks"][task]["T1"]
+        assert set(entry) == {"metric", "achievable", "note"} and entry["metric"] == metric
+    assert truth["tasks"]["sex"]["T1"]["note"] == "Bayes-optimal from the planted brain scale"
+    assert truth["tasks"]["age"]["T1"]["achievable"] == pytest.approx(R.achievable_age_mae(),
+                                                                      abs=1e-4)
+    assert truth["planted"] == R.planted_parameters()
+    assert truth["planted"]["age"]["brain_age_sd"] == R.BRAIN_AGE_SD
+    manifest = json.loads((cohort.root / "cohort.json").read_text())
+    assert manifest["parameters"]["variant"] == "realistic"
+    assert manifest["parameters"]["planted"] == truth["planted"]
+
+
+def test_planted_csv_matches_the_sampler(cohort):
+    with (cohort.root / "planted.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["subject_id"] for r in rows] == [s.subject_id for s in cohort.subjects]
+    for i, (row, s) in enumerate(zip(rows, cohort.subjects, strict=True)):
+        lat = R.subject_latents(3, i, s.sex, s.age)
+        assert row["sex"] == s.sex and float(row["age"]) == s.age
+        assert float(row["scale"]) == pytest.approx(lat.scale, abs=1e-6)
+        assert float(row["brain_age"]) == pytest.approx(lat.brain_age, abs=1e-6)
+        assert float(row["coupling"]) == pytest.approx(lat.coupling, abs=1e-6)
+    ages = [s.age for s in cohort.subjects]
+    assert all(a == int(a) and R.AGE_RANGE[0] <= a <= R.AGE_RANGE[1] for a in ages)
+    assert sorted(s.sex for s in cohort.subjects) == ["female"] * 5 + ["male"] * 5
+
+
+# ----------------------------------------------------------------------------- field of view
+
+def test_default_grids_hold_the_largest_brain():
+    assert R.fov_slack_mm(R.IMAGE_SIZE, R.VOXEL_MM, R.max_scale("T1")) > 5
+    assert R.fov_slack_mm(R.SESSION_IMAGE_SIZE, R.SESSION_VOXEL_MM, R.max_scale("rsfMRI")) > 5
+    assert R.fov_slack_mm((96, 96, 96), 2.1, R.max_scale("T1")) < 0  # the basic grid would clip
+
+
+def test_forward_map_inverts_the_sampler():
+    """brain_in_fov_mm (used by the check) is the exact inverse of _source_coords."""
+    tpl = _template()
+    draw = R.draw_position(np.random.default_rng(5)) | {"scale": 1.07}
+    job = _Job(0, 0, "male", 60.0, (12, 14, 12), 8.0, 0.0, "", variant="realistic")
+    pull = 0.5
+    coords = _source_coords(job, draw, tpl, pull=pull).reshape(3, -1)  # template voxels
+    template_mm = (np.linalg.inv(tpl.inv_affine)[:3] @ np.vstack([coords, np.ones(coords.shape[1])])).T
+    out = output_affine(job.image_size, 8.0)
+    grid = np.indices(job.image_size).reshape(3, -1).T
+    world = grid @ out[:3, :3].T + out[:3, 3]
+    back = R.brain_in_fov_mm(template_mm, draw["scale"], draw["rotation"], draw["translation"], pull)
+    np.testing.assert_allclose(back, world, atol=1e-6)
+
+
+def test_whole_brain_inside_for_extreme_draws():
+    """The production sampler on a grid 24 mm wider than the field of view: for the largest
+    scale, every corner rotation and the largest translation towards it, no brain falls outside."""
+    from scipy.ndimage import map_coordinates
+
+    tpl = _template()
+    mask = tpl.mask.astype(np.float32)
+    pad, voxel = 6, 4.0
+    size = tuple(n + 2 * pad for n in R.SESSION_IMAGE_SIZE)
+    inner = tuple(slice(pad, pad + n) for n in R.SESSION_IMAGE_SIZE)
+    job = _Job(0, 0, "male", 60.0, size, voxel, 0.0, "", variant="realistic")
+    for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
+        draw = {"scale": R.max_scale("T1"), "translation": sign * R.TRANSLATION_MM,
+                "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
+        warped = map_coordinates(mask, _source_coords(job, draw, tpl, pull=0.0), order=1)
+        assert warped.sum() > 1000
+        outside = warped.copy()
+        outside[inner] = 0
+        assert outside.max() == 0  # not one brain voxel beyond the field of view
+
+
+def test_too_small_field_of_view_refused(tmp_path):
+    with pytest.raises(ConfigError, match="clips the largest brain"):
+        build_demo_cohort(tmp_path / "c", 4, variant="realistic", image_size=(24, 24, 24),
+                          voxel_mm=8.0, progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError, match="sex_scale applies to the basic cohort only"):
+        build_demo_cohort(tmp_path / "c", 4, variant="realistic", sex_scale=0.1, **SMALL)
+    with pytest.raises(ConfigError, match="variant must be one of basic, realistic"):
+        build_demo_cohort(tmp_path / "c", 4, variant="real", **SMALL)
+
+
+# ----------------------------------------------------------------------------- images
+
+def test_images_stored_las_and_read_back_as_the_synthesized_volume(cohort):
+    from umbrella.demo.cohort import synthesize_subject
+
+    s = cohort.subjects[0]
+    data, img = _nifti(cohort.root / s.t1_path)
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S") and img.get_data_dtype() == np.int16
+    canonical = nib.as_closest_canonical(img)
+    np.testing.assert_allclose(canonical.affine, output_affine(GRID, 8.0), atol=1e-4)
+    lat = R.subject_latents(3, 0, s.sex, s.age)
+    job = _Job(0, 3, s.sex, s.age, GRID, 8.0, 0.0, "", variant="realistic", scale=lat.scale,
+               brain_age=lat.brain_age)
+    expected = synthesize_subject(job)
+    np.testing.assert_allclose(np.asanyarray(canonical.dataobj), expected,
+                               atol=float(img.dataobj.slope) + 1e-3)
+    run, run_img = _nifti(cohort.root / s.rsfmri_path)
+    assert nib.aff2axcodes(run_img.affine) == ("L", "A", "S") and run.shape == (*GRID, 12)
+
+
+def test_older_brains_have_larger_ventricles_and_darker_cortex():
+    from umbrella.demo.cohort import synthesize_subject
+
+    tpl = _template()
+    vc = R._cohort.VENTRICLE_CENTRE_MM
+    young, old = (synthesize_subject(_Job(1, 0, "male", 60.0, (56, 64, 56), 4.0, 0.0, "",
+                                          variant="realistic", scale=1.0, brain_age=b))
+                  for b in (40.0, 85.0))
+    # same nuisance: only the brain age differs. Dark voxels near the ventricle centre grow
+    out = output_affine((56, 64, 56), 4.0)
+    centre = np.round(np.linalg.solve(out[:3, :3], np.asarray(vc) - out[:3, 3])).astype(int)
+    box = tuple(slice(c - 6, c + 7) for c in centre)
+    wm = np.percentile(young, 99)
+    assert (old[box] < 0.5 * wm).sum() > 1.3 * (young[box] < 0.5 * wm).sum()
+    assert R.aged_t1(85.0)[tpl.gm > 0.5].mean() < R.aged_t1(40.0)[tpl.gm > 0.5].mean() - 0.03
+
+
+def test_rsfmri_anatomy_does_not_depend_on_sex():
+    male, female = (R.subject_latents(11, 4, s, 62) for s in ("male", "female"))
+    assert male.rsfmri_scale == female.rsfmri_scale and male.brain_age == female.brain_age
+    assert male.scale - female.scale == pytest.approx(2 * R.SEX_SCALE_SHIFT)
+    assert male.coupling - female.coupling == pytest.approx(2 * R.COUPLING_MEAN)
+
+    def job(sex, lat):
+        return SessionJob("rsfMRI", 4, 11, sex, 62.0, 0.0, GRID, 8.0, "", n_frames=40, tr=2.0,
+                          variant="realistic", scale=lat.rsfmri_scale, brain_age=lat.brain_age,
+                          coupling=lat.coupling)
+
+    jm, jf = job("male", male), job("female", female)
+    maps_m, maps_f = session_maps(jm), session_maps(jf)
+    for key in ("gm", "wm", "mask", "networks"):
+        np.testing.assert_array_equal(maps_m[key], maps_f[key])  # identical anatomy and position
+    run_m, run_f = synthesize_rsfmri(jm), synthesize_rsfmri(jf)
+    np.testing.assert_array_equal(run_m.mean(axis=3) > 0, run_f.mean(axis=3) > 0)
+    assert not np.array_equal(run_m, run_f)  # connectivity differs
+
+    def dmn_fpn(run, maps):
+        nets = maps["networks"]
+        series = [run[n > 0.3].mean(axis=0) for n in nets[:2]]  # DMN, FPN voxels
+        return np.corrcoef(*series)[0, 1]
+
+    r_m, r_f = dmn_fpn(run_m, maps_m), dmn_fpn(run_f, maps_f)
+    assert np.sign(r_m) == np.sign(male.coupling) and np.sign(r_f) == np.sign(female.coupling)
+
+
+def test_network_signals_signed_correlation_is_exact():
+    from umbrella.demo.modalities import NETWORKS, network_signals
+
+    for rho in (-0.6, 0.0, 0.45):
+        z = network_signals(np.random.default_rng(1), "male", 30, 2.0, correlation=rho)
+        c = np.corrcoef(z)
+        assert c[0, 1] == pytest.approx(rho, abs=1e-9)
+        off = c[np.triu_indices(len(NETWORKS), 1)]
+        assert np.abs(np.delete(off, 0)).max() < 1e-9
+    with pytest.raises(ValueError, match="in \\(-1, 1\\)"):
+        network_signals(np.random.default_rng(1), "male", 30, 2.0, correlation=1.0)
+
+
+def test_deterministic_by_seed_whatever_the_workers(cohort, tmp_path):
+    again = build_demo_cohort(tmp_path / "w1", 10, variant="realistic", seed=3, workers=1,
+                              modalities=("T1", "rsfMRI"), **SMALL)
+    other = build_demo_cohort(tmp_path / "s4", 10, variant="realistic", seed=4, workers=1,
+                              **SMALL)
+    for a, b in zip(cohort.subjects, again.subjects, strict=True):
+        assert a == b
+        for rel in (a.t1_path, a.rsfmri_path):
+            if rel.endswith(".nii.gz"):
+                np.testing.assert_array_equal(_nifti(cohort.root / rel)[0],
+                                              _nifti(again.root / rel)[0])
+    assert (cohort.root / "truth.json").read_text() == (again.root / "truth.json").read_text()
+    assert (cohort.root / "planted.csv").read_text() == (again.root / "planted.csv").read_text()
+    first = cohort.subjects[0].t1_path
+    assert not np.array_equal(_nifti(cohort.root / first)[0], _nifti(other.root / first)[0])
+    assert "rsfMRI" not in json.loads((other.root / "truth.json").read_text())["tasks"]["sex"]
+
+
+def test_rebuild_reuses_and_basic_has_no_truth(cohort, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in (cohort.root / "images").iterdir()}
+    build_demo_cohort(cohort.root, 10, variant="realistic", seed=3,
+                      modalities=("T1", "rsfMRI"), **SMALL)
+    assert {p: p.stat().st_mtime_ns for p in (cohort.root / "images").iterdir()} == before
+    basic = build_demo_cohort(tmp_path / "b", 4, image_size=(16, 16, 16), voxel_mm=12.6,
+                              progress=False)
+    assert basic.variant == "basic" and not (basic.root / "truth.json").exists()
+    params = json.loads((basic.root / "cohort.json").read_text())["parameters"]
+    assert "variant" not in params and params["sex_scale"] == 0.05
+
+
+# ----------------------------------------------------------------------------- records
+
+def test_records_sex_and_age_with_one_split(cohort, tmp_path):
+    from umbrella.data.records import load_records
+    from umbrella.data.validate import validate_records_files
+    from umbrella.demo.run import write_records
+    from umbrella.tasks.registry import task_for_record
+
+    files = write_records(cohort, tmp_path / "records", seed=0)
+    assert {m: [f.name for f in fs] for m, fs in files.items()} == \
+        {"T1": ["sex_T1.jsonl", "age_T1.jsonl"], "rsfMRI": ["sex_rsfMRI.jsonl"]}
+    roots = {"T1": cohort.root, "rsfMRI": cohort.root}
+    records = [r for fs in files.values() for f in fs for r in load_records(f, roots)]
+    assert len(records) == 30 and len({r.id for r in records}) == 30
+    split = {}
+    for r in records:
+        assert split.setdefault(r.subject_id, r.split) == r.split  # one split per subject
+    assert sorted(split.values()).count("train") == 6 and sorted(split.values()).count("test") == 2
+    for sex in ("male", "female"):  # stratified by sex: 3 / 1 / 1 of each
+        ids = [s.subject_id for s in cohort.subjects if s.sex == sex]
+        assert sorted(split[i] for i in ids) == ["test", "train", "train", "train", "val"]
+    ages = {s.subject_id: s.age for s in cohort.subjects}
+    for r in records:
+        if r.task == "age":
+            spec = task_for_record(r.task, r.metadata)
+            assert spec.kind == "regression" and spec.decimals == 0
+            assert r.answer == f"{int(ages[r.subject_id])} years"
+            assert spec.parse(r.answer) == ages[r.subject_id]
+        else:
+            assert r.answer in ("male", "female")
+    report = validate_records_files([f for fs in files.values() for f in fs], roots,
+                                    modality_rules={"rsfMRI": {"min_frames": 8}},
+                                    progress=False)
+    assert report.ok, report.summary_table()
+
+
+def test_prepare_demo_writes_config_without_training(tmp_path):
+    from umbrella.config import load_config
+    from umbrella.data.catalog import modality_inputs
+    from umbrella.demo.run import prepare_demo
+
+    plan = prepare_demo(tmp_path / "demo", cohort="realistic", n_subjects=10, image_size=GRID,
+                        patch=4, aux_size=GRID, aux_patch=4, modalities=("T1", "rsfMRI"),
+                        n_frames=12, sequence_length=4, progress=False, log=lambda _: None)
+    assert plan.truth["variant"] == "realistic" and plan.modalities == ("T1", "rsfMRI")
+    cfg = load_config(plan.config_path)
+    assert [p.split("/")[-1] for p in cfg.dataset.T1.records] == ["sex_T1.jsonl", "age_T1.jsonl"]
+    assert [p.split("/")[-1] for p in cfg.dataset.rsfMRI.records] == ["sex_rsfMRI.jsonl"]
+    assert cfg.training.max_steps == 600  # 200 per records file
+    assert {m: i.tokens for m, i in modality_inputs(cfg).items()} == {"T1": 392, "rsfMRI": 392}
+    assert not (tmp_path / "demo" / "runs").exists()
+    with pytest.raises(ConfigError, match="isotropic voxels"):
+        prepare_demo(tmp_path / "bad", cohort="realistic", n_subjects=4, image_size=(28, 28, 28),
+                     progress=False, log=lambda _: None)
