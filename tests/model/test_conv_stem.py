@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer
 
 from umbrella.config import ModelConfig, load_config
 from umbrella.data.prompts import PromptEncoder
@@ -154,6 +155,10 @@ def test_stem_parameters_belong_to_the_modality():
     emb = model.model.vision_tower.embeddings
     for m in ("T1", "rsfMRI"):
         assert {id(p) for p in emb[m].parameters()} == {id(p) for p in groups[m]}
+    # the Trainer's AdamW decays the conv weights but not the norms and biases, as the field does
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    assert "model.vision_tower.embeddings.T1.stem.0.conv.weight" in decayed
+    assert not [n for n in stem_names if (".norm." in n) and n in decayed]
 
 
 def test_save_and_from_pretrained_reproduce_logits_exactly(tmp_path):
@@ -217,3 +222,18 @@ def test_two_rank_ddp_step_with_conv_stems_on_different_modalities(tmp_path):
         assert any(".dMRI.stem." in n for n in r["dmri_before"])
         for name, before in r["dmri_before"].items():
             assert torch.equal(before, r["dmri_after"][name]), name
+
+
+def test_training_run_with_the_conv_stem_saves_it(tiny_config):
+    from umbrella.training.run import train
+
+    cfg = tiny_config("training.max_steps=4", "training.logging_steps=2", "model.patch_embed=conv",
+                      "model.stem_channels=[8,16,32]")
+    result = train(cfg, progress=False)
+    hist = json.loads((result.run_dir / "log_history.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in hist if "loss" in h)
+    model, _ = load_brain_llava(result.model_dir)
+    spec = model.config.vision_config.modalities["T1"]
+    assert spec["embed"] == "conv" and spec["stem_channels"] == [8, 16, 32]
+    assert len(model.model.vision_tower.embeddings["T1"].stem) == 3  # patch 8
+    assert "patch_embed: conv" in (result.run_dir / "config.yaml").read_text()
