@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-BENCHMARKS = ("data_path", "loader_memory", "train_step", "collate_sampler")
+BENCHMARKS = ("data_path", "loader_memory", "train_step", "collate_sampler", "patch_embed")
 
 
 def run_one(name: str, args: list[str]) -> dict:
@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(BENCHMARKS),
                    help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
-    p.add_argument("--no-demo", action="store_true", help="train_step without the demo training")
+    p.add_argument("--no-demo", action="store_true",
+                   help="train_step and patch_embed without their demo training")
     args = p.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(chosen) - set(BENCHMARKS))
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     shared += ["--quiet"] if opts.quiet else []
     started, payloads = time.perf_counter(), []
     for name in chosen:
-        extra = ["--no-demo"] if name == "train_step" and args.no_demo else []
+        extra = ["--no-demo"] if name in ("train_step", "patch_embed") and args.no_demo else []
         payloads.append(run_one(name, shared + extra))
     targets, rows = summarize(payloads)
     config = {"mode": opts.mode, "reps": opts.reps, "benchmarks": chosen,

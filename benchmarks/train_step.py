@@ -41,6 +41,7 @@ class Variant:
     patch_size: tuple[int, ...]
     pool: int | None = None
     stored_order: bool = False  # rsfMRI batch as a (B, 1, D, H, W, T) view of (B, 1, T, D, H, W)
+    embed: str = "linear"  # model.patch_embed: linear | conv
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def build_model(v: Variant, encoder, seed: int = 0):
     from umbrella.model.build import build_brain_llava
 
     geom = {v.modality: {"image_size": list(v.image_size), "patch_size": list(v.patch_size)}}
-    return build_brain_llava(ModelConfig(max_length=4096), geom, encoder.tok, seed=seed,
-                             token_pool=v.pool)
+    return build_brain_llava(ModelConfig(max_length=4096, patch_embed=v.embed), geom, encoder.tok,
+                             seed=seed, token_pool=v.pool)
 
 
 def optimizer(model, steps: int, warmup: int):
@@ -184,6 +185,7 @@ class Budget:
     side: int
     patch: int
     pool: int | None = None
+    embed: str = "linear"  # model.patch_embed: linear | conv
 
 
 def budgets(s: Sizes) -> list[Budget]:
@@ -248,7 +250,7 @@ def train_demo(b: Budget, cohort, s: Sizes, seed: int = 0) -> dict:
     from umbrella.model.build import tokens_per_image
 
     encoder = common.prompt_encoder()
-    v = Variant(b.name, "T1", (b.side,) * 3, (b.patch,) * 3, b.pool)
+    v = Variant(b.name, "T1", (b.side,) * 3, (b.patch,) * 3, b.pool, embed=b.embed)
     model = build_model(v, encoder, seed).train()
     inputs = {"T1": ModalityInput("T1", VolumeSpec(image_size=(b.side,) * 3),
                                   tokens_per_image(model, "T1"))}
@@ -279,7 +281,7 @@ def train_demo(b: Budget, cohort, s: Sizes, seed: int = 0) -> dict:
                 break
         epoch += 1
     last = [evals[k] for k in sorted(evals)]
-    return {"tokens_per_image": inputs["T1"].tokens, "image_size": b.side, "patch": b.patch,
+    return {"tokens_per_image": inputs["T1"].tokens, "embed": b.embed, "image_size": b.side, "patch": b.patch,
             "pool": b.pool, "train_subjects": len(train), "test_subjects": len(test),
             "steps": step, "batch": s.demo_batch, "step_s_median": common.median(step_times),
             "train_seconds": sum(step_times), "final_loss": sum(losses[-10:]) / len(losses[-10:]),

@@ -22,6 +22,7 @@ from benchmarks import (  # noqa: E402
     data_path,
     gpu_step,
     loader_memory,
+    patch_embed,
     run_all,
     train_step,
 )
@@ -113,6 +114,20 @@ def test_collate_matches_reference_and_sampler_runs(opts, payloads, capsys):
     assert set(res["sampler"]) >= {"ModalityBatchSampler proportional",
                                    "torch BatchSampler(RandomSampler)"}
     payloads.append(out)
+
+
+def test_patch_embed_compares_conv_with_linear_of_the_same_run(opts, capsys):
+    out = patch_embed.run(opts, with_demo=True, in_process=True)
+    _json_line(capsys)
+    step = out["results"]["step"]
+    assert set(step) == {"T1 linear", "T1 conv", "rsfMRI linear", "rsfMRI conv"}
+    assert {r["tokens_per_image"] for r in step.values()} == {8}  # same token grid
+    assert step["T1 linear"]["time_x_linear"] == pytest.approx(1.0)
+    assert step["T1 conv"]["embedding_parameters"] > step["T1 linear"]["embedding_parameters"]
+    assert set(out["results"]["conv_vs_linear"]) == {"T1", "rsfMRI"}
+    demo = out["results"]["demo"]
+    assert [demo[e]["embed"] for e in ("linear", "conv")] == ["linear", "conv"]
+    assert all(r["steps"] == 2 and 0 <= r["accuracy_final"] <= 1 for r in demo.values())
 
 
 def test_run_all_collects_every_target(payloads):

@@ -91,6 +91,8 @@ class ModelConfig:
     lora_dropout: float = 0.05
     max_length: int = 1024  # longest tokenised conversation accepted (image tokens included)
     token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
+    patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
+    stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
 
 
 @dataclass
@@ -162,6 +164,7 @@ _CHOICES = {
     "on_bad_sample": ("error", "skip"),
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
+    "patch_embed": ("linear", "conv"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 

@@ -229,3 +229,26 @@ def test_bad_bases_raise_model_errors_naming_the_base(tmp_path, siglip_base):
     train_tokenizer(TEXT, 300).save_pretrained(tmp_path / "mismatch")
     with pytest.raises(ModelError, match=r"maps <image> to 1 but the model's image_token_id is 5"):
         convert_pretrained_llava(tmp_path / "mismatch", T1)
+
+
+def test_converted_base_takes_the_conv_stem_and_reloads(siglip_base, tmp_path):
+    from umbrella.config import ModelConfig
+    from umbrella.model.build import with_patch_embed
+
+    specs = with_patch_embed(ModelConfig(patch_embed="conv", stem_channels=[8, 16, 32]), T1)
+    model, tok, _ = convert_pretrained_llava(siglip_base, specs)
+    emb = model.model.vision_tower.embeddings["T1"]
+    assert [s.conv.out_channels for s in emb.stem] == [8, 16, 32] and emb.proj.kernel_size == (1, 1, 1)
+    expected = (2.0 / (8 * 27)) ** 0.5  # Kaiming normal, fan_out
+    assert abs(emb.stem[0].conv.weight.std().item() / expected - 1) < 0.15
+    assert 0.01 < emb.position_embedding.std().item() < 0.03
+    assert {n.split(".")[0] for n, _ in emb.named_parameters()} == {"stem", "proj", "position_embedding"}
+    x = torch.randn(1, 1, 16, 16, 16)
+    prompt, _, _ = _conversation(tok, "chatml")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, _ = load_brain_llava(tmp_path)
+    with torch.no_grad():
+        a = model.eval()(input_ids=torch.tensor([prompt]), pixel_values={"T1": x}, image_order=[("T1", 0)]).logits
+        b = again(input_ids=torch.tensor([prompt]), pixel_values={"T1": x}, image_order=[("T1", 0)]).logits
+    assert torch.equal(a, b)

@@ -26,8 +26,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import umbrella.model  # noqa: F401  (registers the tower with the Auto classes)
 from umbrella.config import ModelConfig
-from umbrella.errors import ModelError
-from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches
+from umbrella.errors import ConfigError, ModelError
+from umbrella.model.configuration_brain_vit import (
+    BrainViTConfig,
+    _check_modality,
+    num_patches,
+    stem_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,34 @@ def pooled_tokens(spec: dict, token_pool: int | Sequence[int] | None = None,
     return blocks * math.prod(g // k for g, k in zip(grid, pool, strict=True))
 
 
+def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
+    """``modalities`` with ``model.patch_embed`` (and, for "conv", ``model.stem_channels``) written
+    into each spec that does not name its own ``embed``. A geometry error stays the ValueError of
+    :class:`BrainViTConfig`; a patch the stem cannot be built for raises ConfigError naming the
+    config keys and the fix."""
+    out, problems = {}, []
+    for name, spec in modalities.items():
+        out[name] = spec = {"embed": cfg.patch_embed, **spec}
+        if spec["embed"] == "conv":
+            spec.setdefault("stem_channels", list(cfg.stem_channels))
+            geometry = _check_modality(name, {**spec, "embed": "linear"})
+            try:
+                stem_plan(name, {**geometry, "stem_channels": spec["stem_channels"]})
+            except ValueError as exc:
+                problems.append(f"model.patch_embed=conv: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
 def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                       seed: int | None = None, *,
                       token_pool: int | Sequence[int] | None = None
                       ) -> BrainLlavaForConditionalGeneration:
     """A randomly initialised BrainLlava for ``modalities`` ({name: {image_size, patch_size, ...}}).
+
+    Each modality's patch embedding is ``cfg.patch_embed`` (linear | conv) unless its spec names
+    its own ``embed`` (see :func:`with_patch_embed`).
 
     ``token_pool`` (default None: off): average-pool each image's tokens over the spatial token
     grid by this window before the projector (2 -> 216 tokens become 27 at 96³ / patch 16).
@@ -118,7 +146,7 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
     p = resolve_preset(cfg)
     vision = BrainViTConfig(hidden_size=p.vision_hidden_size, intermediate_size=4 * p.vision_hidden_size,
                             num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
-                            modalities=modalities)
+                            modalities=with_patch_embed(cfg, modalities))
     for name, spec in vision.modalities.items():  # checked geometry; raises if the pool misfits
         pooled_tokens(spec, pool, name)
     if seed is not None:

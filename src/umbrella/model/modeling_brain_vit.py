@@ -10,9 +10,23 @@ There is no CLS token (LLaVA must use ``vision_feature_select_strategy="full"``)
 norm, so every parameter takes part in the features LLaVA selects (``vision_feature_layer=-1``).
 Encoder layers are SigLIP encoder layers, so a pretrained SigLIP tower's layers load one to one.
 Parameter names carry the modality (``embeddings.T1.proj.weight``) so the trainer finds idle ones.
+
+Two patch embeddings, chosen per modality (``embed`` in the modality spec, ``model.patch_embed``):
+"linear" cuts non-overlapping patches and maps each linearly (a Conv3d with kernel = stride =
+patch); "conv" first runs a light strided convolutional stem, after "Early convolutions help
+transformers see better" (Xiao et al., NeurIPS 2021), and yields the same token grid::
+
+    (B, C, 96, 96, 96) --[Conv3d k3 s2 p1, GroupNorm, GELU] x4--> (B, 128, 6, 6, 6)
+                       --Conv3d 1x1x1 (proj)--> (B, hidden, 6, 6, 6) --> (B, 216, hidden)
+
+Stage widths are ``stem_channels`` (default 16, 32, 64, 128); the normalisation is GroupNorm, which
+uses no batch statistics (small per-rank batches, DDP). Stem convolutions start Kaiming-normal
+(fan_out), the final projection too, as torchvision's conv-stem ViT does; norms start at 1 / 0.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,25 +35,53 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches
+from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches, stem_plan
+
+
+class StemStage(nn.Module):
+    """Conv3d k3 p1 (stride 1 or 2 per axis, no bias) -> GroupNorm -> GELU: (B, C, D, H, W) ->
+    (B, C', D/sd, H/sh, W/sw)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int, int]):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1,
+                              bias=False)
+        self.norm = nn.GroupNorm(math.gcd(out_channels, 8), out_channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
 
 
 class BrainPatchEmbedding(nn.Module):
-    """Non-overlapping patches -> linear projection + learned position table of this modality.
+    """Patches -> (optional convolutional stem ->) projection + learned position table of this
+    modality.
 
     3D: (B, C, D, H, W), patches (pd, ph, pw) -> N = (D/pd)(H/ph)(W/pw) tokens.
     4D: (B, C, D, H, W, T), patches (pd, ph, pw, pt): each block of pt frames is folded into the
-    channels of a 3D patch, so N = (T/pt)(D/pd)(H/ph)(W/pw), time blocks outermost.
+    channels of a 3D patch (or of the stem's input), so N = (T/pt)(D/pd)(H/ph)(W/pw), time blocks
+    outermost.
+    ``embed="linear"``: ``proj`` is a Conv3d with kernel = stride = patch. ``embed="conv"``: ``stem``
+    (stride-2 :class:`StemStage` s, :func:`stem_plan`) then ``proj`` with kernel = stride = the
+    odd rest of the patch (1x1x1 for powers of two).
     """
 
-    def __init__(self, hidden_size: int, spec: dict):
+    def __init__(self, hidden_size: int, spec: dict, name: str = "image"):
         super().__init__()
         self.image_size = tuple(spec["image_size"])
         self.in_channels = spec["in_channels"]
         patch = tuple(spec["patch_size"])
         self.time_patch = patch[3] if len(patch) == 4 else None
         channels = self.in_channels * (self.time_patch or 1)
-        self.proj = nn.Conv3d(channels, hidden_size, kernel_size=patch[:3], stride=patch[:3])
+        self.stem = None
+        kernel = patch[:3]
+        if spec.get("embed", "linear") == "conv":
+            strides, kernel = stem_plan(name, spec)
+            widths = [channels, *spec["stem_channels"][:len(strides)]]
+            self.stem = nn.Sequential(*(StemStage(c_in, c_out, s) for c_in, c_out, s
+                                        in zip(widths[:-1], widths[1:], strides, strict=True)))
+            channels = widths[-1]
+        self.proj = nn.Conv3d(channels, hidden_size, kernel_size=kernel, stride=kernel)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
 
     def _compute_dtype(self, pixel_values: torch.Tensor) -> torch.dtype:
@@ -67,6 +109,8 @@ class BrainPatchEmbedding(nn.Module):
         batch = x.shape[0]
         if self.time_patch is not None:
             x = self._fold_time(x)
+        if self.stem is not None:
+            x = self.stem(x)
         patches = self.proj(x).flatten(2).transpose(1, 2)  # (B * blocks, n, hidden)
         return patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
 
@@ -84,15 +128,20 @@ class BrainViTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, BrainPatchEmbedding):
+        if isinstance(module, BrainPatchEmbedding):  # runs after its children: overrides them
             init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
+            if module.stem is not None:
+                for conv in (*(stage.conv for stage in module.stem), module.proj):
+                    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                    if conv.bias is not None:
+                        init.zeros_(conv.bias)
 
 
 class BrainViTModel(BrainViTPreTrainedModel):
     def __init__(self, config: BrainViTConfig):
         super().__init__(config)
         self.embeddings = nn.ModuleDict(
-            {m: BrainPatchEmbedding(config.hidden_size, spec) for m, spec in config.modalities.items()})
+            {m: BrainPatchEmbedding(config.hidden_size, spec, m) for m, spec in config.modalities.items()})
         self.layers = nn.ModuleList([SiglipEncoderLayer(config)
                                      for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False

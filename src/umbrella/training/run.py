@@ -44,7 +44,7 @@ from umbrella.data.tokenizer import record_texts, train_tokenizer
 from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
-from umbrella.model.build import build_brain_llava
+from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.tasks.registry import TASKS
 from umbrella.training.callbacks import (
@@ -144,7 +144,8 @@ def make_model(cfg: UmbrellaConfig, train_records):
         from umbrella.model.convert import convert_pretrained_llava
 
         dtype = getattr(torch, m.dtype) if m.dtype else None
-        model, tokenizer, _ = convert_pretrained_llava(m.base, model_geometry(cfg), dtype=dtype)
+        model, tokenizer, _ = convert_pretrained_llava(
+            m.base, with_patch_embed(m, model_geometry(cfg)), dtype=dtype)
         if m.token_pool > 1:  # read by the model at every forward, saved with its config
             model.config.vision_token_pool = [m.token_pool] * 3
     else:
