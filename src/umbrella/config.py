@@ -129,6 +129,10 @@ class EvaluationConfig:
     scoring: str = "likelihood"  # likelihood | generate
     batch_size: int = 8
     max_new_tokens: int = 16
+    # regression answers: expected value | median of the model's distribution over candidate
+    # numbers (Bayes-optimal for squared | absolute error), or generate (greedy decoding)
+    regression: str = "expected"
+    regression_step: float | None = None  # candidate spacing; None: the answers' resolution (0.1)
 
 
 @dataclass
@@ -162,6 +166,7 @@ _CHOICES = {
     "on_bad_sample": ("error", "skip"),
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
+    "regression": ("expected", "median", "generate"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 
