@@ -93,13 +93,14 @@ def score_options_cached(model, encoder: PromptEncoder, samples: list[dict],
     pixel_values, order = _stack_images([s["images"] for s in samples])
     pixel_values = {m: v.to(device) for m, v in pixel_values.items()}
     feats = model.image_features(pixel_values, order) if order else []
+    tokenised = {o: encoder.answer_ids(o) for o in {o for opts in options for o in opts}}
     out, cursor = [], 0
     for sample, opts in zip(samples, options, strict=True):
         n_img = len(sample["images"])
         mine = feats[cursor:cursor + n_img]
         cursor += n_img
         prompt = encoder.encode_prompt(sample["turns"], sample["image_tokens"])
-        answers = [encoder.answer_ids(o) for o in opts]
+        answers = [tokenised[o] for o in opts]
         out.append(_score_after_prompt(model, prompt, mine, answers, batch_size,
                                        encoder.tok.pad_token_id))
     return out
@@ -111,7 +112,7 @@ def _score_after_prompt(model, prompt: list[int], feats, answers: list[list[int]
     ids = torch.tensor([prompt], device=model.device)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                 mm_encoder_outputs={"image": _pooled(feats)} if feats else None, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): the first answer token
     scores = [_score_chunk(model, cache, len(prompt), first, answers[i:i + batch_size], pad_id)
               for i in range(0, len(answers), batch_size)]
