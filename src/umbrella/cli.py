@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output folder (default: <run>/evaluation_<split>)")
     e.add_argument("--constrained", action="store_true",
                    help="regression: decode only digits, '.' and the unit")
+    e.add_argument("--regression", choices=("expected", "median", "generate"),
+                   help="regression answers: the expected value or median of the model's "
+                        "distribution over candidate numbers, or greedy generation "
+                        "(default: evaluation.regression)")
     e.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -96,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--image", action="append", required=True, metavar="MODALITY=PATH",
                    help="a scan, e.g. T1=sub-01_T1w.nii.gz (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--regression", choices=("expected", "median", "generate"), default="expected",
+                   help="a built-in regression question (e.g. age): the expected value or median "
+                        "of the model's distribution over candidate numbers, or greedy generation")
     a.add_argument("--show", metavar="PNG", help="also write orthogonal slices + answer to PNG")
     a.add_argument("--interactive", action="store_true",
                    help="keep the model loaded and ask several questions (empty line ends)")
@@ -210,7 +217,9 @@ def _cmd_evaluate(args) -> int:
                               max_new_tokens=cfg.evaluation.max_new_tokens, run_dir=run_dir,
                               progress=not args.quiet, baseline_records=splits.get("train"),
                               constrained=args.constrained, bootstrap=args.bootstrap,
-                              windows=cfg.dataset.rsfMRI.eval_windows)
+                              windows=cfg.dataset.rsfMRI.eval_windows,
+                              regression=args.regression or cfg.evaluation.regression,
+                              regression_step=cfg.evaluation.regression_step)
     print(metrics_table(result.metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
     return 0
@@ -222,7 +231,7 @@ def _cmd_ask(args) -> int:
     images = [_pair(item, "--image", "T1=scan.nii.gz (MODALITY=PATH)") for item in args.image]
     if not args.interactive and not args.question:
         raise UmbrellaError("give a question, or --interactive")
-    assistant = BrainAssistant(args.model)
+    assistant = BrainAssistant(args.model, regression=args.regression)
     if args.interactive:
         interactive(assistant, images, max_new_tokens=args.max_new_tokens,
                     show_dir=Path(args.show).parent if args.show else None)

@@ -131,6 +131,10 @@ class EvaluationConfig:
     scoring: str = "likelihood"  # likelihood | generate
     batch_size: int = 8
     max_new_tokens: int = 16
+    # regression answers: expected value | median of the model's distribution over candidate
+    # numbers (Bayes-optimal for squared | absolute error), or generate (greedy decoding)
+    regression: str = "expected"
+    regression_step: float | None = None  # candidate spacing; None: the answers' resolution (0.1)
 
 
 @dataclass
@@ -165,6 +169,7 @@ _CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
     "patch_embed": ("linear", "conv"),
+    "regression": ("expected", "median", "generate"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 

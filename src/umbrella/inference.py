@@ -1,6 +1,10 @@
 """`umbrella ask`: answer a question about one subject's scans with a trained model.
 
 Scans are preprocessed exactly as in training (the model folder's ``preprocessing.json``).
+A question worded as one of a built-in regression task's phrasings ("How old is this subject?
+Answer in years.") is answered like ``umbrella evaluate`` does (``regression="expected"``: the mean
+of the model's distribution over the task's candidate answers, :mod:`umbrella.evaluation.regression`);
+any other question by greedy decoding.
 
     assistant = BrainAssistant("runs/sex__tiny__ab12cd34/seed_0")
     assistant.ask("What is the sex of this subject?", [("T1", "sub-01_T1w.nii.gz")])
@@ -24,9 +28,16 @@ from umbrella.data.fmri import take_window
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import IMAGE_PLACEHOLDER, ImageRef, Turn
 from umbrella.errors import ConfigError, UmbrellaError, VolumeError
+from umbrella.evaluation.regression import (
+    METHODS,
+    CandidateGrid,
+    candidate_grid,
+    regression_answers,
+)
 from umbrella.evaluation.scoring import generate_answers
 from umbrella.io import atomic_write_bytes
 from umbrella.model.build import load_brain_llava
+from umbrella.tasks.registry import task_for_question
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -41,9 +52,17 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 class BrainAssistant:
-    """Keeps a model loaded to answer several questions."""
+    """Keeps a model loaded to answer several questions. ``regression`` answers the questions of
+    built-in regression tasks: "expected" | "median" of the candidates' distribution, or
+    "generate"; ``last_distribution`` holds the summary of the latest such answer (else None)."""
 
-    def __init__(self, model: str | Path, device: str = "cpu"):
+    def __init__(self, model: str | Path, device: str = "cpu", regression: str = "expected",
+                 regression_step: float | None = None):
+        if regression not in METHODS:
+            raise ConfigError(f"regression={regression!r}; choose one of {', '.join(METHODS)}")
+        self.regression, self.regression_step = regression, regression_step
+        self._grids: dict[str, CandidateGrid] = {}
+        self.last_distribution: dict | None = None
         self.model_dir = resolve_model_dir(model)
         self.model, self.tokenizer = load_brain_llava(self.model_dir, device)
         self.encoder = PromptEncoder(self.tokenizer)
@@ -81,6 +100,16 @@ class BrainAssistant:
         turns = (Turn("user", text + question), Turn("assistant", ""))
         sample = {"images": self.load_images(images), "turns": turns,
                   "image_tokens": [self.inputs[m].tokens for m, _ in images]}
+        self.last_distribution = None
+        task = task_for_question(question)
+        if task is not None and task.kind == "regression" and self.regression != "generate" \
+                and task.n_images == len(images):
+            if task.name not in self._grids:
+                self._grids[task.name] = candidate_grid(task, self.regression_step)
+            answer, self.last_distribution = regression_answers(
+                self.model, self.encoder, [sample], task, self._grids[task.name],
+                self.regression)[0]
+            return answer
         return generate_answers(self.model, self.encoder, [sample], max_new_tokens)[0]
 
     def show(self, question: str, images: list[tuple[str, str | Path]], answer: str | None,

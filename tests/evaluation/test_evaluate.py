@@ -80,7 +80,7 @@ def test_regression_by_generation_with_digit_constraint(trained_run, tiny_cohort
     records = _age_records(tiny_cohort)
     ev = evaluate_records(result.model_dir, records, tmp_path / "age", split="test",
                           scoring="likelihood", progress=False, constrained=True,
-                          max_new_tokens=8, bootstrap=100)
+                          max_new_tokens=8, bootstrap=100, regression="generate")
     assert all(r["scoring"] == "generate (digits)" for r in ev.predictions)
     for row in ev.predictions:  # only digits, '.', spaces and the letters of "years"
         assert set(row["answer"]) <= set("0123456789. years"), row["answer"]
@@ -91,7 +91,8 @@ def test_regression_by_generation_with_digit_constraint(trained_run, tiny_cohort
     assert 0 <= age["parse_failure_rate"] <= 1
     assert "scatter_age" in ev.plots or age["parse_failures"] == 8
     free = evaluate_records(result.model_dir, records[:2], tmp_path / "age_free", split="test",
-                            scoring="generate", progress=False, max_new_tokens=8, bootstrap=0)
+                            scoring="generate", progress=False, max_new_tokens=8, bootstrap=0,
+                            regression="generate")
     assert all(r["scoring"] == "generate" for r in free.predictions)
 
 

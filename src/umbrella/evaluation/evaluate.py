@@ -3,7 +3,9 @@ and PNG plots.
 
 Scoring: classification tasks by ``likelihood`` (the allowed options ranked by log-likelihood,
 giving probabilities and ROC-AUC) or by ``generate`` (greedy decoding, strict parsing); regression
-and free-text tasks always by greedy generation, optionally digit-constrained. Metrics are per task,
+tasks by ``regression``: the expected value or median of the model's distribution over candidate
+numbers (:mod:`umbrella.evaluation.regression`), or greedy generation, optionally
+digit-constrained; free-text tasks by greedy generation. Metrics are per task,
 per study and per modality, over subjects, with bootstrap CIs and baselines
 (:mod:`umbrella.evaluation.summary`). Under torch.distributed every rank predicts a disjoint shard;
 the rows are gathered once, de-duplicated by record id, and rank 0 writes the files.
@@ -28,6 +30,13 @@ from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
 from umbrella.evaluation import plots as figures
 from umbrella.evaluation.distributed import gather_rows, rank_and_world, shard_indices
+from umbrella.evaluation.regression import (
+    METHODS,
+    CandidateGrid,
+    candidate_grid,
+    method_label,
+    regression_answers,
+)
 from umbrella.evaluation.report import write_report
 from umbrella.evaluation.scoring import generate_answers, numeric_answer_processor, score_options
 from umbrella.evaluation.summary import (
@@ -119,18 +128,24 @@ def _start(dataset, index: int) -> int | None:
 
 def predict(model, encoder, dataset, scoring: str, batch_size: int, max_new_tokens: int,
             progress: bool = True, *, indices: list[int] | None = None,
-            constrained: bool = False) -> list[dict]:
+            constrained: bool = False, regression: str = "generate",
+            grids: dict[str, CandidateGrid] | None = None) -> list[dict]:
     """One row per dataset item of ``indices`` (default: all; an item is a record, or one window
-    of it with ``windows="all"``), in index order. Batches hold one task."""
+    of it with ``windows="all"``), in index order. Batches hold one task. Regression tasks are
+    answered by ``regression`` ("expected" / "median" over the candidates ``grids[task]``, or
+    "generate")."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
     rows: dict[int, dict] = {}
     bar = tqdm(total=len(indices), desc=f"evaluate ({scoring})", disable=not progress)
     for idx_task in _by_task(dataset, indices).values():
         task = record_task(dataset.records[idx_task[0]])
         likelihood = scoring == "likelihood" and task is not None and task.kind == "classification"
-        digits = constrained and task is not None and task.kind == "regression"
+        grid = (grids or {}).get(dataset.records[idx_task[0]].task) \
+            if task is not None and task.kind == "regression" and regression != "generate" else None
+        digits = constrained and task is not None and task.kind == "regression" and grid is None
         processor = numeric_answer_processor(encoder, task.unit) if digits else None
-        method = "likelihood" if likelihood else "generate (digits)" if digits else "generate"
+        method = "likelihood" if likelihood else method_label(regression, grid) if grid else \
+            "generate (digits)" if digits else "generate"
         for start in range(0, len(idx_task), batch_size):
             idx = idx_task[start:start + batch_size]
             recs = [dataset.records[i] for i in idx]
@@ -142,6 +157,11 @@ def predict(model, encoder, dataset, scoring: str, batch_size: int, max_new_toke
                     p = torch.softmax(s, 0).numpy()
                     rows[i] = _row(rec, spec, spec.options[int(p.argmax())], p, method,
                                    _start(dataset, i))
+            elif grid is not None:
+                answers = regression_answers(model, encoder, samples, task, grid, regression)
+                for i, rec, spec, (text, dist) in zip(idx, recs, specs, answers, strict=True):
+                    rows[i] = _row(rec, spec, text, None, method, _start(dataset, i))
+                    rows[i]["distribution"] = dist
             else:
                 texts = generate_answers(model, encoder, samples, max_new_tokens, processor)
                 for i, rec, spec, text in zip(idx, recs, specs, texts, strict=True):
@@ -205,6 +225,22 @@ def write_plots(rows: list[dict], specs: dict, out_dir: Path, run_dir: Path | No
     return made
 
 
+def regression_grids(specs: dict, regression: str, step: float | None,
+                     baseline_records: list[Record] | None) -> dict[str, CandidateGrid]:
+    """{task: candidate grid} of the regression tasks (none for ``generate``). A task without a
+    range takes the training split's range of reference values."""
+    if regression == "generate":
+        return {}
+    seen: dict[str, list[float]] = {}
+    for rec in baseline_records or []:
+        spec = specs.get(rec.task)
+        if spec is not None and spec.kind == "regression":
+            seen.setdefault(rec.task, []).append(reference(rec, spec))
+    return {name: candidate_grid(spec, step, (min(seen[name]), max(seen[name]))
+                                 if seen.get(name) else None)
+            for name, spec in specs.items() if spec is not None and spec.kind == "regression"}
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -216,33 +252,45 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                      run_dir: Path | None = None, progress: bool = True,
                      baseline_records: list[Record] | None = None, constrained: bool = False,
                      bootstrap: int = 1000, seed: int = 0, plots: bool = True,
-                     device: str | None = None, windows: str = "first") -> EvalResult:
+                     device: str | None = None, windows: str = "first",
+                     regression: str = "expected", regression_step: float | None = None
+                     ) -> EvalResult:
     """Evaluate ``records`` (one split) with the model in ``model_dir``; write the outputs to
     ``out_dir`` (rank 0). ``baseline_records`` (the training split) set the majority / mean
     baselines; ``constrained`` restricts regression decoding to numbers and the unit;
     ``bootstrap`` resamples of subjects give the 95% CIs (0: none); ``device`` defaults to this
     rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU; ``windows="all"`` scores
-    every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject."""
+    every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject;
+    ``regression`` answers regression tasks by the expected value or median of the model's
+    distribution over candidate numbers ``regression_step`` apart (None: the answers' resolution),
+    or by generation."""
     if scoring not in SCORINGS:
         raise ConfigError(f"evaluation.scoring={scoring!r}; choose one of {', '.join(SCORINGS)}")
+    if regression not in METHODS:
+        raise ConfigError(f"evaluation.regression={regression!r}; choose one of "
+                          f"{', '.join(METHODS)}")
     if not records:
         raise ConfigError(f"no records to evaluate in split {split!r}; pick another split")
     specs = {r.task: record_task(r) for r in records}
     for rec in records:  # every reference must parse before any compute is spent
         reference(rec, record_task(rec))
     baselines = training_baselines(baseline_records) if baseline_records else {}
+    grids = regression_grids(specs, regression, regression_step, baseline_records)
     rank, world = rank_and_world()
     model, tokenizer = load_brain_llava(model_dir, device or default_device())
     encoder = PromptEncoder(tokenizer)
     dataset = InstructionDataset(records, encoder, load_preprocessing(model_dir), windows=windows)
     rows = predict(model, encoder, dataset, scoring, batch_size, max_new_tokens, progress,
-                   indices=shard_indices(len(dataset), rank, world), constrained=constrained)
+                   indices=shard_indices(len(dataset), rank, world), constrained=constrained,
+                   regression=regression, grids=grids)
     rows = gather_rows(rows, {item_key(r, _start(dataset, i)): i
                               for i, r in enumerate(dataset.records)})
     summary = summarise_rows(rows, specs, baselines=baselines, resamples=bootstrap, seed=seed)
     metrics = {"split": split, "scoring": scoring, "model": str(model_dir),
                "n_records": len({r["id"] for r in rows}), "n_items": len(rows),
                "world_size": world, "windows": windows, "constrained": constrained,
+               "regression": {"method": regression, "step": regression_step,
+                              "tasks": {n: g.describe() for n, g in grids.items()}},
                "bootstrap": {"resamples": bootstrap, "seed": seed, "level": 0.95,
                              "unit": "subject (a pair for comparison tasks)"},
                **summary, "plots": {}}

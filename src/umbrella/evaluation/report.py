@@ -61,6 +61,35 @@ def _task_title(name: str, m: dict, scoring: str | None = None) -> str:
             f"records{tail})")
 
 
+_REGRESSION_METHODS = {"expected": "the expected value of the model's distribution over candidate "
+                                   "answers (optimal for squared error)",
+                       "median": "the median of the model's distribution over candidate answers "
+                                 "(optimal for absolute error)",
+                       "generate": "greedy generation"}
+
+
+def regression_method(metrics: dict, name: str) -> str | None:
+    """How a regression task's numbers were produced, e.g. "expected, 1201 candidates, step 0.1";
+    None for other tasks."""
+    if _kind(metrics["tasks"].get(name, {})) != "regression":
+        return None
+    reg = metrics.get("regression") or {"method": "generate"}
+    grid = (reg.get("tasks") or {}).get(name)
+    if reg["method"] == "generate" or grid is None:
+        return "generate (digits)" if metrics.get("constrained") else "generate"
+    return f"{reg['method']}, {grid['candidates']} candidates, step {grid['step']:g}"
+
+
+def _regression_line(metrics: dict) -> list[str]:
+    reg = metrics.get("regression") or {}
+    if not any(_kind(m) == "regression" for m in metrics["tasks"].values()):
+        return []
+    method = reg.get("method", "generate")
+    digits = " restricted to digits and the unit" if method == "generate" and \
+        metrics.get("constrained") else ""
+    return [f"Regression answers: {_REGRESSION_METHODS.get(method, method)}{digits}  "]
+
+
 def metrics_table(metrics: dict) -> str:
     """One block per task: metric, value, 95% CI and the baseline's value."""
     lines = []
@@ -68,7 +97,7 @@ def metrics_table(metrics: dict) -> str:
         if not m.get("n"):
             lines.append(f"{name}: no records")
             continue
-        lines.append(_task_title(name, m))
+        lines.append(_task_title(name, m, regression_method(metrics, name)))
         lines += _aligned([["metric", "value", "95% CI", _baseline_head(m)]] + task_rows(m))
     return "\n".join(lines)
 
@@ -110,11 +139,11 @@ def write_report(metrics: dict, path: Path, run_dir: Path | None = None) -> Path
     plots = metrics.get("plots", {})
     lines = [f"# Evaluation on split `{metrics['split']}`", "",
              f"Model: `{metrics['model']}`  ", f"Scoring: {metrics['scoring']}  ",
-             f"Records: {metrics.get('n_records', 'n/a')}", ""]
+             *_regression_line(metrics), f"Records: {metrics.get('n_records', 'n/a')}", ""]
     for name, m in metrics["tasks"].items():
         if not m.get("n"):
             continue
-        lines += [f"## {_task_title(name, m)}", ""]
+        lines += [f"## {_task_title(name, m, regression_method(metrics, name))}", ""]
         lines += _md_table(["metric", "value", "95% CI", _baseline_head(m)], task_rows(m))
         for kind in ("confusion", "roc", "scatter"):
             if f"{kind}_{name}" in plots:

@@ -3,6 +3,10 @@
 - likelihood: every allowed option is appended to the prompt and scored by the sum of the
   log-probabilities of its tokens and the closing ``<|im_end|>``; a softmax over the options gives
   probabilities (for ROC-AUC). Images are encoded once per record, not once per option.
+  :func:`score_options` runs prompt + option as one sequence per option (a few options);
+  :func:`score_options_cached` runs each prompt once and continues every option from its key/value
+  cache (hundreds of candidate numbers, see :mod:`umbrella.evaluation.regression`). Both give the
+  same numbers up to float rounding.
 - generate: greedy decoding (deterministic), stopped at ``<|im_end|>``. For regression answers
   :func:`numeric_answer_processor` can restrict decoding to digits, '.', spaces, the unit's tokens
   and the end token ("digit-constrained decoding").
@@ -10,10 +14,12 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
 from umbrella.data.collate import BrainCollator
 from umbrella.data.prompts import PromptEncoder
@@ -70,6 +76,73 @@ def score_options(model, encoder: PromptEncoder, samples: list[dict],
         out.append(torch.tensor(scores[k:k + len(opts)]))
         k += len(opts)
     return out
+
+
+# transformers renamed forward's ``past_key_values`` to ``cache`` during 5.x
+_CACHE_KWARG = ("cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters
+                else "past_key_values")
+
+
+@torch.no_grad()
+def score_options_cached(model, encoder: PromptEncoder, samples: list[dict],
+                         options: list[list[str]], batch_size: int = 64) -> list[torch.Tensor]:
+    """:func:`score_options` with each sample's prompt (images + question) run through the model
+    once: the options are scored ``batch_size`` at a time as continuations of the prompt's
+    key/value cache, repeated along the batch dimension. Returns per sample a (K,) float tensor."""
+    device = model.device
+    pixel_values, order = _stack_images([s["images"] for s in samples])
+    pixel_values = {m: v.to(device) for m, v in pixel_values.items()}
+    feats = model.image_features(pixel_values, order) if order else []
+    tokenised = {o: encoder.answer_ids(o) for o in {o for opts in options for o in opts}}
+    out, cursor = [], 0
+    for sample, opts in zip(samples, options, strict=True):
+        n_img = len(sample["images"])
+        mine = feats[cursor:cursor + n_img]
+        cursor += n_img
+        prompt = encoder.encode_prompt(sample["turns"], sample["image_tokens"])
+        answers = [tokenised[o] for o in opts]
+        out.append(_score_after_prompt(model, prompt, mine, answers, batch_size,
+                                       encoder.tok.pad_token_id))
+    return out
+
+
+def _score_after_prompt(model, prompt: list[int], feats, answers: list[list[int]],
+                        batch_size: int, pad_id: int) -> torch.Tensor:
+    """Sum of log p(answer tokens | prompt) per answer; the prompt runs once with use_cache."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                mm_encoder_outputs={"image": _pooled(feats)} if feats else None, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): the first answer token
+    scores = [_score_chunk(model, cache, len(prompt), first, answers[i:i + batch_size], pad_id)
+              for i in range(0, len(answers), batch_size)]
+    return torch.cat(scores).cpu()
+
+
+def _score_chunk(model, cache, n_prompt: int, first: torch.Tensor, chunk: list[list[int]],
+                 pad_id: int) -> torch.Tensor:
+    """(B,) log-likelihoods of B right-padded answers continuing a (1, n_prompt) cache."""
+    device, b = model.device, len(chunk)
+    width = max(len(a) for a in chunk)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(a) for a in chunk])
+    for row, answer in enumerate(chunk):
+        ids[row, :len(answer)] = torch.tensor(answer)
+    ids = ids.to(device)
+    total = first[ids[:, 0]]
+    if width == 1:
+        return total
+    past = copy.deepcopy(cache)  # the forward appends to it; the prompt's cache stays whole
+    past.batch_repeat_interleave(b)
+    inputs = ids[:, :-1]  # (B, W-1): the last token is only ever a target
+    positions = torch.arange(width - 1)
+    mask = torch.cat([torch.ones(b, n_prompt, dtype=torch.long),
+                      (positions[None] < lengths[:, None] - 1).long()], dim=1).to(device)
+    logits = model(input_ids=inputs, attention_mask=mask, use_cache=True,
+                   **{_CACHE_KWARG: past}).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+    valid = (positions[None] < lengths[:, None] - 1).to(device)
+    return total + torch.where(valid, logp, torch.zeros_like(logp)).sum(dim=1)
 
 
 def _pooled(feats):

@@ -223,6 +223,16 @@ def task_for_record(name: str, metadata: dict | None = None) -> TaskSpec | None:
     return TASKS.get(name)
 
 
+def task_for_question(question: str) -> TaskSpec | None:
+    """The built-in task one of whose phrasings ``question`` is (case, spacing and ``<image>``
+    placeholders aside); None for any other question."""
+    def norm(text: str) -> str:
+        return " ".join(text.replace("<image>", " ").lower().split())
+
+    wanted = norm(question)
+    return next((t for t in TASKS.values() if any(norm(q) == wanted for q in t.questions)), None)
+
+
 def _humanise(column: str) -> str:
     return re.sub(r"[_\s]+", " ", column).strip().lower()
 
