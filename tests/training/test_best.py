@@ -142,3 +142,108 @@ def test_selection_needs_evaluations(tiny_config):
         train(tiny_config("training.early_stopping_patience=3"), progress=False)
     with pytest.raises(ConfigError, match=r"select_best.*choose one of auto, none"):
         tiny_config("training.select_best=best")
+
+
+# ----------------------------------------------------------------------------- the task metric
+
+
+def _age_records(tiny_records, path):
+    """The tiny sex records asked as age (same subjects, same splits), one JSONL."""
+    from umbrella.tasks.registry import AGE
+
+    rows = [json.loads(x) for x in tiny_records.read_text().splitlines()]
+    age = []
+    for r in rows:
+        a = json.loads(json.dumps(r))
+        a["id"], a["task"] = r["id"].replace("_sex_", "_age_"), "age"
+        a["conversations"] = [{"from": "human", "value": "<image>\n" + AGE.questions[0]},
+                              {"from": "gpt", "value": AGE.format_answer(r["metadata"]["age"])}]
+        age.append(a)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + age))
+    return path
+
+
+def _val_dataset(cfg, model_dir, tok):
+    from umbrella.data.catalog import load_config_records, load_preprocessing
+    from umbrella.data.dataset import InstructionDataset
+    from umbrella.data.prompts import PromptEncoder
+
+    records = load_config_records(cfg)
+    val = [r for r in records if r.split == "val"]
+    train_recs = [r for r in records if r.split == "train"]
+    return InstructionDataset(val, PromptEncoder(tok), load_preprocessing(model_dir)), train_recs
+
+
+def test_metric_selection_on_sex_and_age_together(tiny_config, tiny_records, tmp_path):
+    from umbrella.data.prompts import PromptEncoder
+    from umbrella.model.build import load_brain_llava
+    from umbrella.training.validation import ValidationMetric
+
+    both = _age_records(tiny_records, tmp_path / "both.jsonl")
+    cfg = tiny_config(f"dataset.T1.records=[{both}]", "training.select_best=metric",
+                      "training.eval_steps=3", "training.max_steps=8", "training.warmup_steps=2")
+    result = train(cfg, progress=False)
+    hist = [h for h in json.loads((result.run_dir / "log_history.json").read_text())
+            if "eval_score" in h]
+    assert [h["step"] for h in hist] == [3, 6, 8]
+    for h in hist:
+        assert 0.0 <= h["eval_accuracy/sex"] <= 1.0 and h["eval_mae/age"] > 0
+    best = result.best
+    assert best["criterion"] == "metric" and best["greater_is_better"] is True
+    top = max(h["eval_score"] for h in hist)
+    tied = [h for h in hist if h["eval_score"] == top]
+    chosen = min(tied, key=lambda h: h["eval_loss"])  # ties go to the lower validation loss
+    assert best["step"] == chosen["step"] and best["value"] == pytest.approx(top)
+    # the saved model scores exactly what was recorded for the selected step
+    model, tok = load_brain_llava(result.model_dir)
+    val, train_recs = _val_dataset(cfg, result.model_dir, tok)
+    again = ValidationMetric(val, PromptEncoder(tok), train_recs)(model)
+    assert again["score"] == pytest.approx(best["value"], abs=1e-6)
+    assert again["mae/age"] == pytest.approx(chosen["eval_mae/age"], abs=1e-4)
+
+
+def test_candidate_scores_equal_full_sequence_scoring(tiny_config, tiny_records, tmp_path):
+    from umbrella.data.prompts import PromptEncoder
+    from umbrella.evaluation.scoring import score_options
+    from umbrella.model.build import load_brain_llava
+    from umbrella.tasks.registry import AGE
+    from umbrella.training.validation import candidate_logprobs, regression_grid
+
+    both = _age_records(tiny_records, tmp_path / "both.jsonl")
+    cfg = tiny_config(f"dataset.T1.records=[{both}]", "training.max_steps=3")
+    result = train(cfg, progress=False)
+    model, tok = load_brain_llava(result.model_dir)
+    val, _ = _val_dataset(cfg, result.model_dir, tok)
+    enc = PromptEncoder(tok)
+    texts, values = regression_grid(AGE, [20.0, 68.0])
+    assert texts[0] == "20.0 years" and texts[-1] == "68.0 years" and values[8] == 44.0
+    for i in (0, len(val) - 1):  # a sex and an age item
+        sample = val.scoring_sample(i)
+        options = ["male", "female"] if val.records[i].task == "sex" else texts
+        cached = candidate_logprobs(model, enc, sample, options)
+        full = score_options(model, enc, [sample], [options])[0]
+        assert cached.shape == (len(options),)
+        assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+
+
+def test_score_is_the_mean_of_accuracy_and_relative_mae():
+    from types import SimpleNamespace
+
+    from umbrella.data.records import parse_record
+    from umbrella.tasks.conversations import task_record
+    from umbrella.tasks.registry import AGE, SEX
+    from umbrella.training.validation import ValidationMetric
+
+    def rec(task, sid, answer, split):
+        return parse_record(task_record(task, subject_id=sid, answer=answer, study="DEMO",
+                                        split=split, question=task.questions[0],
+                                        images=[{"modality": "T1", "path": "x.nii.gz"}]))
+
+    train_recs = [rec(AGE, "a", "10.0 years", "train"), rec(AGE, "b", "30.0 years", "train")]
+    val = [rec(SEX, "c", "male", "val"), rec(SEX, "d", "female", "val"),
+           rec(AGE, "c", "12.0 years", "val"), rec(AGE, "d", "24.0 years", "val")]
+    metric = ValidationMetric(SimpleNamespace(records=val), None, train_recs)
+    assert metric.tasks["age"].baseline_mae == pytest.approx((8 + 4) / 2)  # training mean 20
+    out = metric.summarise({0: "male", 1: "male", 2: 14.0, 3: 23.0})
+    assert out["accuracy/sex"] == 0.5 and out["mae/age"] == pytest.approx(1.5)
+    assert out["score"] == pytest.approx((0.5 + (1 - 1.5 / 6)) / 2)

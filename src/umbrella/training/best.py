@@ -2,8 +2,8 @@
 
 At every evaluation :class:`KeepBest` reads one number from the evaluation metrics: the
 validation loss (``eval_loss``, lower is better) or the task metric on the validation split
-(``eval_score``, higher is better; :mod:`umbrella.training.validation`). When it beats every
-earlier evaluation, the trainable weights are copied to CPU memory: no checkpoint (no optimizer)
+(``eval_score``, higher is better; :mod:`umbrella.training.validation`; ties are broken by the
+validation loss). When it beats every earlier evaluation, the trainable weights are copied to CPU memory: no checkpoint (no optimizer)
 is written for it. After training, :meth:`KeepBest.restore` puts the kept weights back into the
 model, which ``train()`` then saves as the run's ``model/``.
 
@@ -143,6 +143,12 @@ class KeepBest(TrainerCallback):
                     params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         return True
 
+    def _beats_best(self, entry: dict) -> bool:
+        if self.best is None or improves(entry["value"], self.best["value"], self.greater):
+            return True
+        return entry["value"] == self.best["value"] and \
+            entry.get("eval_loss", float("inf")) < self.best.get("eval_loss", float("inf"))
+
     # ------------------------------------------------------------------ callback hooks
     def on_train_begin(self, args, state, control, **kwargs):
         self.max_steps = state.max_steps
@@ -178,9 +184,12 @@ class KeepBest(TrainerCallback):
         value, step = float(value), state.global_step
         if self.evaluations and self.evaluations[-1]["step"] == step:
             return control  # the same step evaluated twice (e.g. forced at the end)
-        self.evaluations.append({"step": step, "value": value})
-        if improves(value, self.best["value"] if self.best else None, self.greater):
-            self.best = {"step": step, "value": value}
+        entry = {"step": step, "value": value}
+        if self.criterion == "metric":  # ties in the metric are broken by the validation loss
+            entry["eval_loss"] = float(metrics.get("eval_loss", float("inf")))
+        self.evaluations.append(entry)
+        if self._beats_best(entry):
+            self.best = dict(entry)
             self._snapshot()
         waited = evaluations_without_improvement([e["value"] for e in self.evaluations],
                                                  self.greater, self.min_delta)

@@ -62,6 +62,7 @@ from umbrella.training.callbacks import (
     latest_complete_checkpoint,
 )
 from umbrella.training.trainer import UmbrellaTrainer
+from umbrella.training.validation import ValidationMetric
 
 
 @dataclass
@@ -294,7 +295,9 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             # on CPU images are cast to float32 while batching; a GPU gets float16 and casts there
             image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
-        temperature=cfg.dataset.temperature, part_metrics=parts)
+        temperature=cfg.dataset.temperature, part_metrics=parts,
+        val_metrics=ValidationMetric(val_set, encoder, splits["train"])
+        if criterion == "metric" else None)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
