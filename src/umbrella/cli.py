@@ -138,11 +138,13 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from umbrella.config import load_config
-    from umbrella.training.run import train
+    from umbrella.training.run import best_summary, train
 
     overrides = list(args.overrides) + (["training.resume=auto"] if args.resume else [])
     result = train(load_config(args.config, overrides), progress=not args.quiet)
     print(f"trained in {result.seconds:.0f} s; run folder: {result.run_dir}\nmodel: {result.model_dir}")
+    if line := best_summary(result.best):
+        print(line)
     return 0
 
 

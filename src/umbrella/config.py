@@ -123,6 +123,11 @@ class TrainingConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
     generation_log_every: int = 1  # answer fixed validation prompts every N evaluations (0: off)
     generation_log_samples: int = 4
+    # which weights become the run's model: auto (val_loss when a validation split exists and
+    # eval_steps > 0, else none) | none (the last step's) | val_loss | metric (task metric on val)
+    select_best: str = "auto"
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: off)
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
 
 
 @dataclass
@@ -170,6 +175,7 @@ _CHOICES = {
     "scoring": ("likelihood", "generate"),
     "patch_embed": ("linear", "conv"),
     "regression": ("expected", "median", "generate"),
+    "select_best": ("auto", "none", "val_loss", "metric"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 

@@ -7,8 +7,10 @@ Run folder layout (enough to evaluate and to ask)::
         env.json           host, versions, threads
         splits.json        subject -> split actually used
         log_history.json   training/validation losses per step
+        best.json          the selected step (training.select_best) and every evaluation's value
         checkpoints/       intermediate checkpoints (training.save_steps)
-        model/             final model (safetensors) + tokenizer + preprocessing.json
+        model/             the selected (else the last) weights (safetensors) + tokenizer +
+                           preprocessing.json
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.tasks.registry import TASKS
+from umbrella.training.best import KeepBest, resolve_criterion
 from umbrella.training.callbacks import (
     MARKER,
     CheckpointMarker,
@@ -59,6 +62,7 @@ from umbrella.training.callbacks import (
     latest_complete_checkpoint,
 )
 from umbrella.training.trainer import UmbrellaTrainer
+from umbrella.training.validation import ValidationMetric
 
 
 @dataclass
@@ -67,6 +71,7 @@ class TrainResult:
     model_dir: Path
     train_loss: float
     seconds: float
+    best: dict | None = None  # best.json's content when a checkpoint was selected
 
 
 def run_dir_for(cfg: UmbrellaConfig, task_names: list[str]) -> Path:
@@ -241,10 +246,11 @@ def _finish_trackers(cfg: UmbrellaConfig) -> None:
             wandb.teardown()  # wandb keeps settings (WANDB_DIR) per process until torn down
 
 
-def _callbacks(cfg, model, encoder, train_set, val_set, run_dir):
+def _callbacks(cfg, model, encoder, train_set, val_set, run_dir, keeper=None):
     parts = PartMetrics(model)
-    callbacks = [EpochSetter(train_set), ReleaseIdleGrads(model), CheckpointMarker(),
-                 GracefulStop(), parts]
+    # KeepBest before CheckpointMarker: its files in a checkpoint are covered by the marker
+    callbacks = [EpochSetter(train_set), ReleaseIdleGrads(model), *([keeper] if keeper else []),
+                 CheckpointMarker(), GracefulStop(), parts]
     if val_set is not None and cfg.training.generation_log_every > 0:
         callbacks.append(GenerationLogger(model, encoder, val_set, run_dir / "generations.jsonl",
                                           every=cfg.training.generation_log_every,
@@ -270,13 +276,18 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     atomic_write_json(run_dir / "env.json", environment())
     atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
     _tracking_env(cfg, run_dir)
+    criterion = selection_criterion(cfg, bool(splits.get("val")))
+    resume = resume_checkpoint(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(data_source(cfg, records), flush=True)
 
     model, tokenizer = make_model(cfg, splits["train"])
     encoder = PromptEncoder(tokenizer)
     inputs, train_set, val_set = _datasets(cfg, splits, encoder, run_dir)
-    callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir)
+    keeper = None if criterion == "none" else KeepBest(
+        model, criterion, run_dir, patience=cfg.training.early_stopping_patience,
+        min_delta=cfg.training.early_stopping_min_delta, resume_from=resume)
+    callbacks, parts = _callbacks(cfg, model, encoder, train_set, val_set, run_dir, keeper)
     trainer = UmbrellaTrainer(
         model=model, args=_arguments(cfg, run_dir, val_set is not None, progress),
         train_dataset=train_set, eval_dataset=val_set,
@@ -285,15 +296,43 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             # on CPU images are cast to float32 while batching; a GPU gets float16 and casts there
             image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
-        temperature=cfg.dataset.temperature, part_metrics=parts)
+        temperature=cfg.dataset.temperature, part_metrics=parts,
+        val_metrics=ValidationMetric(val_set, encoder, splits["train"])
+        if criterion == "metric" else None)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
+        result = trainer.train(resume_from_checkpoint=resume)
     finally:
         _finish_trackers(cfg)
+    best = keeper.finish() if keeper is not None else None  # the best weights back into the model
     if trainer.is_world_process_zero():
         save_model(trainer.model, tokenizer, inputs, run_dir / "model")
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-    return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start)
+    return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
+                       best)
+
+
+def selection_criterion(cfg: UmbrellaConfig, has_val: bool) -> str:
+    """training.select_best resolved (none | val_loss | metric), checked with early stopping."""
+    t = cfg.training
+    criterion = resolve_criterion(t.select_best, has_val, t.eval_steps)
+    if t.early_stopping_patience and criterion == "none":
+        raise ConfigError(f"training.early_stopping_patience={t.early_stopping_patience} watches "
+                          "the selection criterion, but training.select_best resolves to none; "
+                          "set select_best=val_loss or metric (with a validation split and "
+                          "eval_steps > 0), or early_stopping_patience=0")
+    return criterion
+
+
+def best_summary(best: dict | None) -> str | None:
+    """One line for the end of `umbrella train`: what was kept as the model, and why it stopped."""
+    if not best or best.get("step") is None:
+        return None
+    line = (f"best: {best['criterion']} {best['value']:.4g} at step {best['step']} of "
+            f"{best['last_step']} (kept as the model; best.json lists every evaluation)")
+    stopped = best["early_stopping"]["stopped"]
+    if stopped:
+        line += f"\nearly stopping at step {stopped['step']}: {stopped['reason']}"
+    return line
 
 
 def save_model(model, tokenizer, inputs, folder: Path) -> Path:

@@ -92,10 +92,11 @@ class UmbrellaTrainer(Trainer):
     """
 
     def __init__(self, *args, mixing: str = "proportional", temperature: float = 2.0,
-                 part_metrics=None, **kwargs):
+                 part_metrics=None, val_metrics=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixing, self.temperature = mixing, temperature
         self.part_metrics = part_metrics  # a callbacks.PartMetrics, or None
+        self.val_metrics = val_metrics  # model -> {name: value}, added to each evaluation, or None
         self._group_loss: dict[str, list[float]] = {}
 
     def batch_sampler(self) -> ModalityBatchSampler:
@@ -135,6 +136,16 @@ class UmbrellaTrainer(Trainer):
             if self.part_metrics is not None:
                 logs.update({k: round(v, 6) for k, v in self.part_metrics.latest.items()})
         super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The validation loss, plus ``val_metrics(model)`` (e.g. the task metric) when given."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only,
+                                         ignore_keys, metric_key_prefix)
+        if self.val_metrics is not None:
+            output.metrics.update({f"{metric_key_prefix}_{k}": v
+                                   for k, v in self.val_metrics(self.model).items()})
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Validation loss only: predictions are made by `umbrella evaluate`."""
