@@ -28,6 +28,12 @@ from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
 from umbrella.evaluation import plots as figures
 from umbrella.evaluation.distributed import gather_rows, rank_and_world, shard_indices
+from umbrella.evaluation.reference import (
+    add_reference,
+    attach_achievable,
+    load_truth,
+    reference_cache_dir,
+)
 from umbrella.evaluation.report import write_report
 from umbrella.evaluation.scoring import generate_answers, numeric_answer_processor, score_options
 from umbrella.evaluation.summary import (
@@ -216,13 +222,18 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                      run_dir: Path | None = None, progress: bool = True,
                      baseline_records: list[Record] | None = None, constrained: bool = False,
                      bootstrap: int = 1000, seed: int = 0, plots: bool = True,
-                     device: str | None = None, windows: str = "first") -> EvalResult:
+                     device: str | None = None, windows: str = "first",
+                     reference: bool = True, truth: str | Path | None = None,
+                     reference_cache: Path | None = None) -> EvalResult:
     """Evaluate ``records`` (one split) with the model in ``model_dir``; write the outputs to
     ``out_dir`` (rank 0). ``baseline_records`` (the training split) set the majority / mean
     baselines; ``constrained`` restricts regression decoding to numbers and the unit;
     ``bootstrap`` resamples of subjects give the 95% CIs (0: none); ``device`` defaults to this
     rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU; ``windows="all"`` scores
-    every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject."""
+    every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject.
+    ``reference`` fits the classical reference on ``baseline_records`` (rank 0; features cached
+    in ``reference_cache``, default ``<run_dir>/reference_features``); ``truth`` is a cohort's
+    truth file whose achievable figures are shown (:mod:`umbrella.evaluation.reference`)."""
     if scoring not in SCORINGS:
         raise ConfigError(f"evaluation.scoring={scoring!r}; choose one of {', '.join(SCORINGS)}")
     if not records:
@@ -231,6 +242,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     for rec in records:  # every reference must parse before any compute is spent
         reference(rec, record_task(rec))
     baselines = training_baselines(baseline_records) if baseline_records else {}
+    truth_data = load_truth(truth) if truth else None
     rank, world = rank_and_world()
     model, tokenizer = load_brain_llava(model_dir, device or default_device())
     encoder = PromptEncoder(tokenizer)
@@ -240,12 +252,20 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     rows = gather_rows(rows, {item_key(r, _start(dataset, i)): i
                               for i, r in enumerate(dataset.records)})
     summary = summarise_rows(rows, specs, baselines=baselines, resamples=bootstrap, seed=seed)
+    extra = {}
+    if reference and rank == 0:
+        extra["reference"] = add_reference(
+            summary, rows, baseline_records, list(zip(dataset.records, dataset.starts, strict=True)),
+            dataset.inputs, specs, cache_dir=reference_cache or reference_cache_dir(run_dir, out_dir),
+            baselines=baselines, resamples=bootstrap, seed=seed, progress=progress)
+    if truth_data is not None:
+        attach_achievable(summary, rows, truth_data, str(truth))
     metrics = {"split": split, "scoring": scoring, "model": str(model_dir),
                "n_records": len({r["id"] for r in rows}), "n_items": len(rows),
                "world_size": world, "windows": windows, "constrained": constrained,
                "bootstrap": {"resamples": bootstrap, "seed": seed, "level": 0.95,
                              "unit": "subject (a pair for comparison tasks)"},
-               **summary, "plots": {}}
+               **summary, **extra, "plots": {}}
     made = {}
     if rank == 0:
         out_dir = Path(out_dir)
