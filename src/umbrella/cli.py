@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--constrained", action="store_true",
                    help="regression: decode only digits, '.' and the unit")
     e.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs")
+    e.add_argument("--no-reference", action="store_true",
+                   help="skip the classical reference (= evaluation.reference=false)")
+    e.add_argument("--truth", metavar="FILE",
+                   help="a cohort's truth file (JSON): show achievable figures (= evaluation.truth)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -189,7 +193,9 @@ def _cmd_evaluate(args) -> int:
                               max_new_tokens=cfg.evaluation.max_new_tokens, run_dir=run_dir,
                               progress=not args.quiet, baseline_records=splits.get("train"),
                               constrained=args.constrained, bootstrap=args.bootstrap,
-                              windows=cfg.dataset.rsfMRI.eval_windows)
+                              windows=cfg.dataset.rsfMRI.eval_windows,
+                              with_reference=cfg.evaluation.reference and not args.no_reference,
+                              truth=args.truth or cfg.evaluation.truth)
     print(metrics_table(result.metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
     return 0

@@ -129,6 +129,10 @@ class EvaluationConfig:
     scoring: str = "likelihood"  # likelihood | generate
     batch_size: int = 8
     max_new_tokens: int = 16
+    # fit the classical reference (ridge / logistic regression on coarse features of the same
+    # preprocessed inputs, training split) and show it with a verdict beside the model
+    reference: bool = True
+    truth: str | None = None  # a cohort's truth file (JSON): its "achievable" figures are shown
 
 
 @dataclass

@@ -216,3 +216,85 @@ def test_truth_file_is_validated(tmp_path):
         load_truth(tmp_path / "list.json")
     with pytest.raises(ConfigError, match=r"missing\.json does not exist"):
         load_truth(tmp_path / "missing.json")
+
+
+def _truth(path, **tasks):
+    path.write_text(json.dumps({"tasks": tasks, "planted": {"sex": "brain scale ±5%"}}))
+    return path
+
+
+def test_evaluate_reports_the_reference_and_its_verdict(trained_run, tiny_split_records,
+                                                        tmp_path):
+    from umbrella.evaluation.evaluate import evaluate_records
+    from umbrella.evaluation.report import metrics_table
+
+    result, _ = trained_run
+    truth = _truth(tmp_path / "truth.json",
+                   sex={"T1": {"metric": "accuracy", "achievable": 0.97, "note": "planted scale"}},
+                   age={"T1": {"metric": "mae", "achievable": 3.0}})
+    kw = dict(split="test", progress=False, baseline_records=tiny_split_records["train"],
+              bootstrap=200, seed=3, plots=False, run_dir=result.run_dir)
+    ev = evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "e", **kw,
+                          truth=truth)
+    on_disk = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    ref = on_disk["tasks"]["sex"]["reference"]
+    assert ref["predictor"].startswith("L2 logistic regression") and ref["source"] == "train"
+    fit = ref["fits"]["T1"]
+    n_train = len({r.subject_id for r in tiny_split_records["train"]})
+    n_images = n_train + len(tiny_split_records["test"])  # one scan per record
+    assert fit["n_train"] == n_train == 14 and fit["regularisation"]["C"] in ref_mod.CS
+    assert fit["n_features"] == 24 ** 3 and "average-pooled to 24x24x24" in fit["features"]
+    assert ref["n"] == 6 and ref["ci"]["accuracy"][0] <= ref["accuracy"] <= ref["ci"]["accuracy"][1]
+    preds = {r["subject_id"]: r["prediction"] for r in ev.predictions}
+    assert set(preds) == {r.subject_id for r in tiny_split_records["test"]}
+    comp = ref["comparison"]
+    model_acc = on_disk["tasks"]["sex"]["accuracy"]
+    assert comp["metric"] == "accuracy" and comp["sign"] == "model - reference"
+    assert comp["advantage"] == pytest.approx(model_acc - ref["accuracy"])
+    assert comp["ci"][0] <= comp["advantage"] <= comp["ci"][1]
+    assert comp["verdict"] == ("model better than the reference" if comp["ci"][0] > 0
+                               else ref_mod.verdict(comp["ci"]))
+    assert on_disk["reference"]["features_computed"] == n_images
+    assert on_disk["tasks"]["sex"]["achievable"] == {"metric": "accuracy", "value": 0.97,
+                                                     "note": "planted scale", "source": str(truth)}
+    table = metrics_table(ev.metrics)
+    assert "reference (95% CI)" in table and f"verdict: {comp['verdict']} (accuracy advantage" in table
+    assert "achievable: accuracy 0.970 (planted scale)" in table
+    assert max(len(line) for line in table.splitlines()) < 220
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert f"- verdict: {comp['verdict']}" in report and "- reference: L2 logistic" in report
+    assert "paired bootstrap" in report and "- achievable: accuracy 0.970" in report
+
+    again = evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "e2", **kw)
+    assert again.metrics["reference"]["features_computed"] == 0  # all read from the cache
+    assert again.metrics["reference"]["features_reused"] == n_images
+    assert again.metrics["tasks"]["sex"]["reference"]["accuracy"] == ref["accuracy"]
+    assert "achievable" not in again.metrics["tasks"]["sex"]
+
+    off = evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "off", **kw,
+                           with_reference=False)
+    assert "reference" not in off.metrics and "reference" not in off.metrics["tasks"]["sex"]
+    assert "verdict" not in metrics_table(off.metrics)
+    assert "reference" not in (tmp_path / "off" / "report.md").read_text().lower()
+    with pytest.raises(ConfigError, match=r"bad\.json.*tasks\.sex\.T1\.achievable"):
+        evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "x", **kw,
+                         truth=_truth(tmp_path / "bad.json", sex={"T1": {"metric": "accuracy"}}))
+
+
+def test_free_text_and_untrained_groups_are_named_not_dropped(trained_run, tiny_split_records,
+                                                              tmp_path):
+    from umbrella.evaluation.evaluate import evaluate_records
+    from umbrella.evaluation.report import metrics_table
+
+    result, _ = trained_run
+    test = tiny_split_records["test"]
+    ev = evaluate_records(result.model_dir, test, tmp_path / "e", split="test", progress=False,
+                          baseline_records=tiny_split_records["train"][:3], bootstrap=0,
+                          plots=False)
+    ref = ev.metrics["tasks"]["sex"]["reference"]
+    assert ref == {"skipped": "T1: only 3 training subjects (at least 4 needed)"}
+    assert "reference: none (T1: only 3 training subjects" in metrics_table(ev.metrics)
+    none = evaluate_records(result.model_dir, test, tmp_path / "n", split="test", progress=False,
+                            bootstrap=0, plots=False)
+    assert none.metrics["reference"] == {"skipped": "no training split records were given to "
+                                                    "fit it on"}

@@ -223,7 +223,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                      baseline_records: list[Record] | None = None, constrained: bool = False,
                      bootstrap: int = 1000, seed: int = 0, plots: bool = True,
                      device: str | None = None, windows: str = "first",
-                     reference: bool = True, truth: str | Path | None = None,
+                     with_reference: bool = True, truth: str | Path | None = None,
                      reference_cache: Path | None = None) -> EvalResult:
     """Evaluate ``records`` (one split) with the model in ``model_dir``; write the outputs to
     ``out_dir`` (rank 0). ``baseline_records`` (the training split) set the majority / mean
@@ -231,7 +231,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     ``bootstrap`` resamples of subjects give the 95% CIs (0: none); ``device`` defaults to this
     rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU; ``windows="all"`` scores
     every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject.
-    ``reference`` fits the classical reference on ``baseline_records`` (rank 0; features cached
+    ``with_reference`` fits the classical reference on ``baseline_records`` (rank 0; features cached
     in ``reference_cache``, default ``<run_dir>/reference_features``); ``truth`` is a cohort's
     truth file whose achievable figures are shown (:mod:`umbrella.evaluation.reference`)."""
     if scoring not in SCORINGS:
@@ -253,13 +253,14 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                               for i, r in enumerate(dataset.records)})
     summary = summarise_rows(rows, specs, baselines=baselines, resamples=bootstrap, seed=seed)
     extra = {}
-    if reference and rank == 0:
+    if with_reference and rank == 0:
         extra["reference"] = add_reference(
             summary, rows, baseline_records, list(zip(dataset.records, dataset.starts, strict=True)),
             dataset.inputs, specs, cache_dir=reference_cache or reference_cache_dir(run_dir, out_dir),
             baselines=baselines, resamples=bootstrap, seed=seed, progress=progress)
     if truth_data is not None:
         attach_achievable(summary, rows, truth_data, str(truth))
+        extra["truth"] = str(truth)
     metrics = {"split": split, "scoring": scoring, "model": str(model_dir),
                "n_records": len({r["id"] for r in rows}), "n_items": len(rows),
                "world_size": world, "windows": windows, "constrained": constrained,

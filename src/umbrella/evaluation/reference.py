@@ -273,7 +273,7 @@ def _features_text(store: FeatureStore, rec: Record) -> str:
     parts = [f"{im.modality}: {describe_features(store.inputs[im.modality])}" for im in rec.images]
     text = "; ".join(dict.fromkeys(parts))
     if rec.metadata.get("subjects") and len(rec.images) == 2:
-        text = f"[a - b, |a - b|] of the two scans' features ({text})"
+        return f"[a - b, |a - b|] of the two scans' features ({text})"
     return text
 
 
