@@ -135,6 +135,17 @@ def test_train_evaluate_ask_from_the_command_line(tiny_config, tiny_cohort, tmp_
     assert main(["evaluate", "--model", str(run_dir), "--quiet", "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     assert "sex" in out and (run_dir / "evaluation_test" / "metrics.json").is_file()
+    assert "verdict: " in out and "reference features: T1: " in out  # the classical reference
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"tasks": {"sex": {"T1": {"metric": "accuracy", "achievable": 0.9}}}}')
+    assert main(["evaluate", "--model", str(run_dir), "--quiet", "--bootstrap", "50",
+                 "--no-reference", "--truth", str(truth), "--out", str(tmp_path / "e2")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" not in out and "achievable: accuracy 0.900" in out
+    truth.write_text('{"tasks": {"sex": {"T1": {"metric": "accuracy"}}}}')
+    assert main(["evaluate", "--model", str(run_dir), "--quiet", "--no-reference",
+                 "evaluation.truth=" + str(truth), "--out", str(tmp_path / "e3")]) == 1
+    assert f"truth file {truth}: tasks.sex.T1.achievable is None" in capsys.readouterr().err
     png = tmp_path / "slices.png"
     scan = tiny_cohort.root / tiny_cohort.subjects[0].t1_path
     assert main(["ask", "--model", str(run_dir), "--image", f"T1={scan}",

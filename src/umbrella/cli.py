@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                         "distribution over candidate numbers, or greedy generation "
                         "(default: evaluation.regression)")
     e.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs")
+    e.add_argument("--no-reference", action="store_true",
+                   help="skip the classical reference (= evaluation.reference=false)")
+    e.add_argument("--truth", metavar="FILE",
+                   help="a cohort's truth file (JSON): show achievable figures (= evaluation.truth)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -221,7 +225,9 @@ def _cmd_evaluate(args) -> int:
                               constrained=args.constrained, bootstrap=args.bootstrap,
                               windows=cfg.dataset.rsfMRI.eval_windows,
                               regression=args.regression or cfg.evaluation.regression,
-                              regression_step=cfg.evaluation.regression_step)
+                              regression_step=cfg.evaluation.regression_step,
+                              with_reference=cfg.evaluation.reference and not args.no_reference,
+                              truth=args.truth or cfg.evaluation.truth)
     print(metrics_table(result.metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
     return 0

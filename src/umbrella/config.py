@@ -140,6 +140,10 @@ class EvaluationConfig:
     # numbers (Bayes-optimal for squared | absolute error), or generate (greedy decoding)
     regression: str = "expected"
     regression_step: float | None = None  # candidate spacing; None: the answers' resolution (0.1)
+    # fit the classical reference (ridge / logistic regression on coarse features of the same
+    # preprocessed inputs, training split) and show it with a verdict beside the model
+    reference: bool = True
+    truth: str | None = None  # a cohort's truth file (JSON): its "achievable" figures are shown
 
 
 @dataclass

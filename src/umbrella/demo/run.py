@@ -371,7 +371,8 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
                               split=cfg.evaluation.split, scoring=cfg.evaluation.scoring,
                               batch_size=cfg.evaluation.batch_size, run_dir=trained.run_dir,
                               progress=progress, baseline_records=splits.get("train"),
-                              windows=cfg.dataset.rsfMRI.eval_windows)
+                              windows=cfg.dataset.rsfMRI.eval_windows,
+                              with_reference=cfg.evaluation.reference, truth=cfg.evaluation.truth)
     log(metrics_table(result.metrics))
     per_modality = per_modality_accuracy(result.metrics, result.predictions, used)
     log(_accuracy_line(per_modality))

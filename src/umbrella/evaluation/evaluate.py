@@ -30,6 +30,12 @@ from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
 from umbrella.evaluation import plots as figures
 from umbrella.evaluation.distributed import gather_rows, rank_and_world, shard_indices
+from umbrella.evaluation.reference import (
+    add_reference,
+    attach_achievable,
+    load_truth,
+    reference_cache_dir,
+)
 from umbrella.evaluation.regression import (
     METHODS,
     CandidateGrid,
@@ -253,8 +259,9 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                      baseline_records: list[Record] | None = None, constrained: bool = False,
                      bootstrap: int = 1000, seed: int = 0, plots: bool = True,
                      device: str | None = None, windows: str = "first",
-                     regression: str = "expected", regression_step: float | None = None
-                     ) -> EvalResult:
+                     regression: str = "expected", regression_step: float | None = None,
+                     with_reference: bool = True, truth: str | Path | None = None,
+                     reference_cache: Path | None = None) -> EvalResult:
     """Evaluate ``records`` (one split) with the model in ``model_dir``; write the outputs to
     ``out_dir`` (rank 0). ``baseline_records`` (the training split) set the majority / mean
     baselines; ``constrained`` restricts regression decoding to numbers and the unit;
@@ -263,7 +270,9 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     every rsfMRI window of a record (``dataset.rsfMRI.eval_windows``), averaged per subject;
     ``regression`` answers regression tasks by the expected value or median of the model's
     distribution over candidate numbers ``regression_step`` apart (None: the answers' resolution),
-    or by generation."""
+    or by generation. ``with_reference`` fits the classical reference on ``baseline_records`` (rank 0; features cached
+    in ``reference_cache``, default ``<run_dir>/reference_features``); ``truth`` is a cohort's
+    truth file whose achievable figures are shown (:mod:`umbrella.evaluation.reference`)."""
     if scoring not in SCORINGS:
         raise ConfigError(f"evaluation.scoring={scoring!r}; choose one of {', '.join(SCORINGS)}")
     if regression not in METHODS:
@@ -276,6 +285,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
         reference(rec, record_task(rec))
     baselines = training_baselines(baseline_records) if baseline_records else {}
     grids = regression_grids(specs, regression, regression_step, baseline_records)
+    truth_data = load_truth(truth) if truth else None
     rank, world = rank_and_world()
     model, tokenizer = load_brain_llava(model_dir, device or default_device())
     encoder = PromptEncoder(tokenizer)
@@ -286,6 +296,15 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     rows = gather_rows(rows, {item_key(r, _start(dataset, i)): i
                               for i, r in enumerate(dataset.records)})
     summary = summarise_rows(rows, specs, baselines=baselines, resamples=bootstrap, seed=seed)
+    extra = {}
+    if with_reference and rank == 0:
+        extra["reference"] = add_reference(
+            summary, rows, baseline_records, list(zip(dataset.records, dataset.starts, strict=True)),
+            dataset.inputs, specs, cache_dir=reference_cache or reference_cache_dir(run_dir, out_dir),
+            baselines=baselines, resamples=bootstrap, seed=seed, progress=progress)
+    if truth_data is not None:
+        attach_achievable(summary, rows, truth_data, str(truth))
+        extra["truth"] = str(truth)
     metrics = {"split": split, "scoring": scoring, "model": str(model_dir),
                "n_records": len({r["id"] for r in rows}), "n_items": len(rows),
                "world_size": world, "windows": windows, "constrained": constrained,
@@ -293,7 +312,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                               "tasks": {n: g.describe() for n, g in grids.items()}},
                "bootstrap": {"resamples": bootstrap, "seed": seed, "level": 0.95,
                              "unit": "subject (a pair for comparison tasks)"},
-               **summary, "plots": {}}
+               **summary, **extra, "plots": {}}
     made = {}
     if rank == 0:
         out_dir = Path(out_dir)

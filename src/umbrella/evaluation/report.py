@@ -1,6 +1,9 @@
 """metrics.json -> a plain-text table for the terminal and a Markdown report with the plots.
 
-Every metric is shown with its bootstrap 95% CI and the baseline's value beside it.
+Every metric is shown with its bootstrap 95% CI and the baseline's value beside it; where the
+classical reference was fitted, its value and CI too, then one line per task (and modality) with
+the reference's fit, the verdict of the paired comparison and, from a truth file, what is
+achievable (see :mod:`umbrella.evaluation.reference`).
 """
 
 from __future__ import annotations
@@ -34,18 +37,76 @@ def _baseline_head(m: dict) -> str:
     return f"{kind} ({b.get('predictor', 'n/a')}, from {b.get('source', 'n/a')})"
 
 
+def _reference(m: dict) -> dict | None:
+    """The fitted reference block of a task's (group's) metrics, or None."""
+    ref = m.get("reference")
+    return ref if ref and "skipped" not in ref else None
+
+
+def _head(m: dict) -> list[str]:
+    return ["metric", "value", "95% CI", _baseline_head(m)] + \
+        (["reference (95% CI)"] if _reference(m) else [])
+
+
 def task_rows(m: dict) -> list[list[str]]:
-    """[metric, value, 95% CI, baseline] rows of one task's metrics."""
+    """[metric, value, 95% CI, baseline(, reference with its CI)] rows of one task's metrics."""
     if _kind(m) == "free":
         return [["exact match", _fmt(m.get("exact_match")), "n/a", "n/a"]]
     names = _CLASSIFICATION if _kind(m) == "classification" else _REGRESSION
-    base = m.get("baseline") or {}
-    rows = [[label, _fmt(m.get(key)), _ci(m, key), _fmt(base.get(key))] for key, label in names]
+    base, ref = m.get("baseline") or {}, _reference(m)
+    tail = [""] if ref else []
+    rows = [[label, _fmt(m.get(key)), _ci(m, key), _fmt(base.get(key))]
+            + ([f"{_fmt(ref.get(key))} {_ci(ref, key)}"] if ref else []) for key, label in names]
     if _kind(m) == "classification":
-        rows.append(["chance accuracy", _fmt(base.get("chance_accuracy")), "", ""])
+        rows.append(["chance accuracy", _fmt(base.get("chance_accuracy")), "", ""] + tail)
     rows.append(["parse failures", f"{m.get('parse_failures', 0)}/{m['n']} "
-                 f"({100 * m.get('parse_failure_rate', 0.0):.1f}%)", "", ""])
+                 f"({100 * m.get('parse_failure_rate', 0.0):.1f}%)", "", ""] + tail)
     return rows
+
+
+_LABELS = dict(_CLASSIFICATION + _REGRESSION)
+
+
+def _fit_lines(ref: dict) -> list[str]:
+    """Per fitted modality group: the predictor with its chosen regularisation, then features."""
+    fits, lines = ref.get("fits", {}), []
+    for group, f in fits.items():
+        where = f" {group}" if len(fits) > 1 else ""
+        reg = ", ".join(f"{k}={v:.3g}" for k, v in f["regularisation"].items())
+        lines += [f"reference{where}: {ref['predictor'].split(' on ')[0]}, {reg} ({f['cv']}, "
+                  f"{f['n_train']} training subjects)",
+                  f"reference{where} features: {f['features']}"]
+    return lines
+
+
+def _verdict_text(ref: dict) -> str:
+    c = ref["comparison"]
+    label = _LABELS.get(c["metric"], c["metric"])
+    adv = "n/a" if c["advantage"] is None else f"{c['advantage']:+.3f}"
+    ci = f", 95% CI [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c.get("ci") else ""
+    return f"{c['verdict']} ({label} advantage {adv}{ci}; {c['sign']})"
+
+
+def _achievable_text(a: dict) -> str:
+    note = f" ({a['note']})" if a.get("note") else ""
+    return f"{_LABELS.get(a['metric'], a['metric'])} {a['value']:.3f}{note}"
+
+
+def reference_lines(name: str, m: dict, by_modality: dict | None = None) -> list[str]:
+    """"reference:", "verdict:" and "achievable:" lines of a task, and per modality group."""
+    lines = []
+    groups = [("", m)] + [(f" {g}", gm) for g, gm in (by_modality or {}).items()]
+    for suffix, gm in groups:
+        ref = gm.get("reference")
+        if ref and "skipped" in ref:
+            lines.append(f"reference{suffix}: none ({ref['skipped']})")
+        elif ref:
+            if not suffix:
+                lines += _fit_lines(ref)
+            lines.append(f"verdict{suffix}: {_verdict_text(ref)}")
+        if gm.get("achievable"):
+            lines.append(f"achievable{suffix}: {_achievable_text(gm['achievable'])}")
+    return lines
 
 
 def _aligned(rows: list[list[str]], indent: str = "  ") -> list[str]:
@@ -98,7 +159,9 @@ def metrics_table(metrics: dict) -> str:
             lines.append(f"{name}: no records")
             continue
         lines.append(_task_title(name, m, regression_method(metrics, name)))
-        lines += _aligned([["metric", "value", "95% CI", _baseline_head(m)]] + task_rows(m))
+        lines += _aligned([_head(m)] + task_rows(m))
+        lines += ["  " + t for t in reference_lines(name, m, metrics.get("by_modality", {})
+                                                     .get(name))]
     return "\n".join(lines)
 
 
@@ -144,7 +207,10 @@ def write_report(metrics: dict, path: Path, run_dir: Path | None = None) -> Path
         if not m.get("n"):
             continue
         lines += [f"## {_task_title(name, m, regression_method(metrics, name))}", ""]
-        lines += _md_table(["metric", "value", "95% CI", _baseline_head(m)], task_rows(m))
+        lines += _md_table(_head(m), task_rows(m))
+        extra = reference_lines(name, m, metrics.get("by_modality", {}).get(name))
+        if extra:
+            lines += [""] + [f"- {t}" for t in extra]
         for kind in ("confusion", "roc", "scatter"):
             if f"{kind}_{name}" in plots:
                 lines += ["", f"![{name} {kind}]({plots[f'{kind}_{name}']})"]
@@ -163,6 +229,19 @@ def write_report(metrics: dict, path: Path, run_dir: Path | None = None) -> Path
               "- Baselines are a constant predictor: the majority class (classification) or the "
               "mean (regression), taken from the training split where marked `from train`, "
               "otherwise from the evaluated split itself (which flatters the baseline slightly)."]
+    if metrics.get("reference"):
+        lines += ["- The reference is a linear model (ridge regression / L2 logistic regression) "
+                  "on coarse features of the same preprocessed inputs the model saw (pooled "
+                  "voxels; connectivity of coarse regions for rsfMRI), fitted on the training "
+                  "split with its regularisation chosen by cross-validation grouped by subject, "
+                  "and scored here with the same bootstrap. The verdict compares the model with "
+                  "it on the same subjects: a paired bootstrap of the model's advantage (model "
+                  "minus reference; reference minus model for MAE and RMSE). `model better than "
+                  "the reference` means the 95% CI of that advantage lies above 0; anything else "
+                  "is `not better`."]
+    if metrics.get("truth"):
+        lines += [f"- `achievable` is the best value the cohort's planted effects allow, from its "
+                  f"truth file `{metrics['truth']}`, where it names the task and modality."]
     lines += _loss_lines(run_dir)
     if "loss_curves" in plots:
         lines += ["", f"![loss curves]({plots['loss_curves']})"]
