@@ -72,6 +72,9 @@ def test_expected_median_mode_sd_of_a_known_distribution():
     assert skewed["median"] == 0 and skewed["mean"] == pytest.approx(20.3)
     tiny = reg.distribution_answer([1, 2, 3], np.log([0.9995, 0.0004, 0.0001]), "expected")
     assert [v for v, _ in tiny["probs"]] == [1.0]  # only p >= 1e-3 is listed
+    many = reg.distribution_answer(list(range(400)), -np.abs(np.arange(400) - 200.0) / 100, "median")
+    assert len(many["probs"]) == reg.MAX_LISTED and many["median"] == 200  # the 100 most probable
+    assert [v for v, _ in many["probs"]] == list(range(150, 250))
     with pytest.raises(ConfigError, match="'generate'"):
         reg.distribution_answer(values, np.log(p), "generate")
 
