@@ -72,6 +72,9 @@ def test_expected_median_mode_sd_of_a_known_distribution():
     assert skewed["median"] == 0 and skewed["mean"] == pytest.approx(20.3)
     tiny = reg.distribution_answer([1, 2, 3], np.log([0.9995, 0.0004, 0.0001]), "expected")
     assert [v for v, _ in tiny["probs"]] == [1.0]  # only p >= 1e-3 is listed
+    many = reg.distribution_answer(list(range(400)), -np.abs(np.arange(400) - 200.0) / 100, "median")
+    assert len(many["probs"]) == reg.MAX_LISTED and many["median"] == 200  # the 100 most probable
+    assert [v for v, _ in many["probs"]] == list(range(150, 250))
     with pytest.raises(ConfigError, match="'generate'"):
         reg.distribution_answer(values, np.log(p), "generate")
 
@@ -212,3 +215,27 @@ def test_config_accepts_the_methods_and_rejects_others():
     with pytest.raises(ConfigError, match="evaluation.regression.*choose one of expected, median, "
                                           "generate"):
         load_config(None, ["evaluation.regression=mode"])
+
+
+def test_cli_passes_the_method_and_step(monkeypatch, tiny_config, tmp_path, capsys):
+    import umbrella.evaluation.evaluate as evaluate_mod
+    from umbrella.cli import main
+    from umbrella.config import save_config
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    save_config(tiny_config("evaluation.regression_step=2.0"), run / "config.yaml")
+    seen = []
+
+    def fake_evaluate(model_dir, records, out, **kw):
+        seen.append((kw["regression"], kw["regression_step"]))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_records", fake_evaluate)
+    assert main(["evaluate", "--model", str(run), "--quiet", "--regression", "median"]) == 1
+    assert main(["evaluate", "--model", str(run), "--quiet"]) == 1  # the config's default
+    assert main(["evaluate", "--model", str(run), "evaluation.regression=generate"]) == 1
+    assert seen == [("median", 2.0), ("expected", 2.0), ("generate", 2.0)]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(run), "--regression", "mode"])

@@ -34,7 +34,8 @@ from umbrella.tasks.registry import TaskSpec
 
 METHODS = ("expected", "median", "generate")
 MAX_CANDIDATES = 2001  # 0..200 at 0.1 steps; beyond this the default step is coarsened
-MIN_LISTED_PROB = 1e-3  # candidates with at least this probability are kept in predictions.jsonl
+MIN_LISTED_PROB = 1e-3  # predictions.jsonl lists candidates with at least this probability,
+MAX_LISTED = 100  # at most this many (the most probable)
 CANDIDATES_PER_FORWARD = 64
 
 
@@ -113,7 +114,8 @@ def distribution_answer(values, log_likelihoods, method: str) -> dict:
     """The answer and summary of the distribution softmax(log_likelihoods) over ``values``.
 
     Returns {"value": the answer of ``method``, "mean", "median", "mode", "sd",
-    "probs": [[value, p], ...] of the candidates with p >= MIN_LISTED_PROB, by value}."""
+    "probs": [[value, p], ...] of the (at most MAX_LISTED most probable) candidates with
+    p >= MIN_LISTED_PROB, by value}."""
     if method not in ("expected", "median"):
         raise ConfigError(f"regression method {method!r}: a distribution gives 'expected' or "
                           "'median'")
@@ -121,8 +123,8 @@ def distribution_answer(values, log_likelihoods, method: str) -> dict:
     p = torch.softmax(torch.as_tensor(log_likelihoods, dtype=torch.float64), dim=0).numpy()
     mean = float(p @ v)
     median = float(v[int(np.searchsorted(np.cumsum(p), 0.5 - 1e-12))])
-    listed = [[float(x), float(f"{q:.4g}")] for x, q in zip(v, p, strict=True)
-              if q >= MIN_LISTED_PROB]
+    top = [i for i in np.argsort(-p, kind="stable")[:MAX_LISTED] if p[i] >= MIN_LISTED_PROB]
+    listed = [[float(v[i]), float(f"{p[i]:.4g}")] for i in sorted(top)]
     return {"value": mean if method == "expected" else median, "mean": mean, "median": median,
             "mode": float(v[int(p.argmax())]), "sd": float(np.sqrt(p @ (v - mean) ** 2)),
             "probs": listed}
