@@ -8,7 +8,7 @@ Run folder layout (enough to evaluate and to ask)::
         splits.json        subject -> split actually used
         log_history.json   training/validation losses per step
         checkpoints/       intermediate checkpoints (training.save_steps)
-        model/             final model (safetensors) + tokenizer + preprocessing.json
+        model/             final model (safetensors) + tokenizer + preprocessing.json + tasks.json
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava
 from umbrella.model.trainable import apply_trainable_policy, save_trained
+from umbrella.tasks.known import save_tasks
 from umbrella.tasks.registry import TASKS
 from umbrella.training.callbacks import (
     MARKER,
@@ -291,6 +292,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
         _finish_trackers(cfg)
     if trainer.is_world_process_zero():
         save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+        save_tasks(splits["train"], run_dir / "model")  # what `ask` / `serve` may be asked
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start)
 
