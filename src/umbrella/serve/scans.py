@@ -91,9 +91,16 @@ def read_checked(path: Path, modality: str) -> tuple[np.ndarray, np.ndarray]:
                           "rsfMRI needs a 4D run; T1 and dMRI maps a 3D volume")
 
 
-def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray, overlay: bool = False) -> bytes:
+    """gzip NIfTI bytes. ``overlay``: the header's display range starts just above the minimum
+    (padding and the normalised background), which a viewer then draws transparent."""
+    data = np.asarray(data, dtype=np.float32)
+    img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
+    if overlay:
+        lo, hi = float(data.min()), float(np.percentile(data, 99.5))
+        img.header["cal_min"] = lo + 1e-3 * max(hi - lo, 1e-6)
+        img.header["cal_max"] = max(hi, img.header["cal_min"] + 1e-6)
     return gzip.compress(img.to_bytes(), compresslevel=1)
 
 
@@ -247,7 +254,7 @@ def view_bytes(scan: Scan, which: str, spec: ModalityInput | None) -> bytes:
         scan.views["original"] = _nifti_bytes(shown, affine)
         if spec is not None:
             data, placed = model_input_view(scan, spec, shown, affine)
-            scan.views["input"] = _nifti_bytes(data, placed)
+            scan.views["input"] = _nifti_bytes(data, placed, overlay=True)
     if which not in scan.views:
         raise VolumeError(f"this model does not read {scan.modality}", path=scan.name,
                           fix="open a scan of a modality the model was trained on")
