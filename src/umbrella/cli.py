@@ -4,6 +4,7 @@
     umbrella train -c CONFIG [KEY=VALUE ...]
     umbrella evaluate --model RUN_DIR [-c CONFIG] [--split test] [KEY=VALUE ...]
     umbrella ask --model RUN_DIR --image T1=scan.nii.gz "What is the sex of this subject?"
+    umbrella serve --model RUN_DIR [--eval DIR] [--data-root T1=DIR] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -111,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--interactive", action="store_true",
                    help="keep the model loaded and ask several questions (empty line ends)")
     a.add_argument("question", nargs="?", help="the question (not needed with --interactive)")
+
+    s = sub.add_parser("serve", help="the model over HTTP, with a viewer and chat page")
+    s.add_argument("--model", required=True, help="run folder or its model/ folder")
+    s.add_argument("--eval", help="an `umbrella evaluate` folder to browse (e.g. <run>/evaluation)")
+    s.add_argument("--data-root", action="append", default=[], metavar="MODALITY=DIR",
+                   help="folder whose files clients may name (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--token", default=None,
+                   help="required on every request (default: $UMBRELLA_TOKEN); needed off localhost")
+    s.add_argument("--max-upload-mb", type=float, default=512.0)
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     return p
 
 
@@ -240,6 +253,9 @@ def _cmd_ask(args) -> int:
     if not args.interactive and not args.question:
         raise UmbrellaError("give a question, or --interactive")
     assistant = BrainAssistant(args.model, regression=args.regression)
+    notice = None if args.interactive else assistant.notice(args.question)[1]
+    if notice:  # a question the model was not trained for, or tasks unknown
+        print(f"notice: {notice}", file=sys.stderr)
     if args.interactive:
         interactive(assistant, images, max_new_tokens=args.max_new_tokens,
                     show_dir=Path(args.show).parent if args.show else None)
@@ -248,6 +264,22 @@ def _cmd_ask(args) -> int:
     print(answer)
     if args.show:
         print(f"slices: {assistant.show(args.question, images, answer, args.show)}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from umbrella.serve.app import check_bind, create_app
+
+    token = args.token or os.environ.get("UMBRELLA_TOKEN") or None
+    check_bind(args.host, token)
+    roots = dict(_pair(item, "--data-root", "T1=/data/t1") for item in args.data_root)
+    app = create_app(args.model, eval_dir=args.eval, data_roots=roots, token=token,
+                     max_upload_mb=args.max_upload_mb, device=args.device)
+    print(f"serving {app.state.umbrella.assistant.model_dir} on http://{args.host}:{args.port}/"
+          + ("?token=..." if token else ""), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -288,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"demo": _cmd_demo, "prepare": _cmd_prepare, "validate": _cmd_validate,
                 "cache": _cmd_cache, "train": _cmd_train,
-                "evaluate": _cmd_evaluate, "ask": _cmd_ask}
+                "evaluate": _cmd_evaluate, "ask": _cmd_ask, "serve": _cmd_serve}
     try:
         if args.command in _LATER:
             raise NotImplementedYet(f"`umbrella {args.command}` ({_LATER[args.command]}) is not "

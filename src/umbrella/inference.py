@@ -8,6 +8,7 @@ any other question by greedy decoding.
 
     assistant = BrainAssistant("runs/sex__tiny__ab12cd34/seed_0")
     assistant.ask("What is the sex of this subject?", [("T1", "sub-01_T1w.nii.gz")])
+    assistant.answer(question, images)   # + the trained task it matches, option probabilities
     assistant.show(question, images, answer, "answer.png")   # orthogonal slices + the answer
     interactive(assistant, images)                            # several questions, one model load
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -34,10 +37,14 @@ from umbrella.evaluation.regression import (
     candidate_grid,
     regression_answers,
 )
-from umbrella.evaluation.scoring import generate_answers
+from umbrella.evaluation.scoring import generate_answers, score_options
 from umbrella.io import atomic_write_bytes
 from umbrella.model.build import load_brain_llava
-from umbrella.tasks.registry import task_for_question
+from umbrella.tasks.known import load_tasks, match_task, task_spec, untrained_notice
+from umbrella.tasks.registry import TaskSpec, task_for_question
+
+TASKS_UNKNOWN = ("this model's tasks are unknown (it was trained before tasks.json was saved): "
+                 "the answer is not checked against what it learned")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -51,10 +58,32 @@ def resolve_model_dir(path: str | Path) -> Path:
                       "(with config.json); pass the folder `umbrella train` printed")
 
 
+@dataclass
+class Answer:
+    """One answer with what is known about it. ``task`` is the trained task the question matched
+    (None: none, or tasks unknown); ``probs`` the likelihood-scored probability of each option of
+    a classification task; ``value`` the number parsed from a regression answer. ``distribution``
+    ({"values": [...], "probs": [...], "method", "mean", "median", "sd"}) is a regression task's
+    distribution over candidate values (the listed, most probable candidates)."""
+
+    text: str
+    task: str | None = None
+    kind: str | None = None
+    known: bool | None = None  # None: the model's tasks are unknown
+    notice: str | None = None
+    probs: dict[str, float] | None = None
+    value: float | None = None
+    unit: str = ""
+    distribution: dict | None = None
+
+
 class BrainAssistant:
     """Keeps a model loaded to answer several questions. ``regression`` answers the questions of
-    built-in regression tasks: "expected" | "median" of the candidates' distribution, or
-    "generate"; ``last_distribution`` holds the summary of the latest such answer (else None)."""
+    regression tasks (the trained task the question matches, else a built-in one): "expected" |
+    "median" of the candidates' distribution, or "generate"; ``last_distribution`` holds the
+    summary of the latest such answer (else None)."""
+
+    MAX_LOADED = 32  # preprocessed inputs kept (least recently used dropped first)
 
     def __init__(self, model: str | Path, device: str = "cpu", regression: str = "expected",
                  regression_step: float | None = None):
@@ -67,7 +96,9 @@ class BrainAssistant:
         self.model, self.tokenizer = load_brain_llava(self.model_dir, device)
         self.encoder = PromptEncoder(self.tokenizer)
         self.inputs = load_preprocessing(self.model_dir)
-        self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # (modality, path) -> model input
+        self.tasks = load_tasks(self.model_dir)  # None: trained before tasks.json existed
+        # (modality, path) -> model input
+        self._loaded: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
     def load_images(self, images: list[tuple[str, str | Path]]) -> list[tuple[str, torch.Tensor]]:
         """Model inputs, preprocessed as in training and kept so later questions reuse them:
@@ -79,8 +110,17 @@ class BrainAssistant:
             key = (modality, str(Path(path).resolve()))
             if key not in self._loaded:
                 self._loaded[key] = self._preprocess(modality, Path(path))
+                while len(self._loaded) > self.MAX_LOADED:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(key)
             out.append((modality, self._loaded[key]))
         return out
+
+    def forget(self, path: str | Path) -> None:
+        """Drop the preprocessed inputs of ``path`` (e.g. a deleted upload)."""
+        resolved = str(Path(path).resolve())
+        for key in [k for k in self._loaded if k[1] == resolved]:
+            del self._loaded[key]
 
     def _preprocess(self, modality: str, path: Path) -> torch.Tensor:
         spec = self.inputs[modality]
@@ -89,28 +129,87 @@ class BrainAssistant:
             array = take_window(array, spec.window_starts(array.shape[0])[0], spec.spec)
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
-    def ask(self, question: str, images: list[tuple[str, str | Path]],
-            max_new_tokens: int = 32) -> str:
-        """One answer. ``<image>`` placeholders are prepended for images the question lacks."""
+    def _sample(self, question: str, images: list[tuple[str, str | Path]]) -> dict:
         missing = len(images) - question.count(IMAGE_PLACEHOLDER)
         if missing < 0:
             raise ConfigError(f"the question has {question.count(IMAGE_PLACEHOLDER)} <image> "
                               f"placeholders but {len(images)} images were given")
         text = (IMAGE_PLACEHOLDER + "\n") * missing
         turns = (Turn("user", text + question), Turn("assistant", ""))
-        sample = {"images": self.load_images(images), "turns": turns,
-                  "image_tokens": [self.inputs[m].tokens for m, _ in images]}
-        self.last_distribution = None
-        task = task_for_question(question)
-        if task is not None and task.kind == "regression" and self.regression != "generate" \
-                and task.n_images == len(images):
-            if task.name not in self._grids:
-                self._grids[task.name] = candidate_grid(task, self.regression_step)
-            answer, self.last_distribution = regression_answers(
-                self.model, self.encoder, [sample], task, self._grids[task.name],
-                self.regression)[0]
-            return answer
-        return generate_answers(self.model, self.encoder, [sample], max_new_tokens)[0]
+        return {"images": self.load_images(images), "turns": turns,
+                "image_tokens": [self.inputs[m].tokens for m, _ in images]}
+
+    def _regression_task(self, question: str, n_images: int) -> TaskSpec | None:
+        """The regression task a question asks when it is answered from candidates: the trained
+        task it matches (with the trained range), else a built-in task's wording; else None."""
+        if self.regression == "generate":
+            return None
+        task = None
+        if self.tasks is not None:
+            name = match_task(question, self.tasks).task
+            task = task_spec(self.tasks[name]) if name is not None else None
+        task = task or task_for_question(question)
+        if task is None or task.kind != "regression" or task.n_images != n_images:
+            return None
+        return task
+
+    def _reply(self, question: str, images, max_new_tokens: int) -> tuple[str, dict, dict | None]:
+        """(answer text, sample, regression distribution summary or None)."""
+        sample = self._sample(question, images)
+        task = self._regression_task(question, len(images))
+        if task is None:
+            return generate_answers(self.model, self.encoder, [sample], max_new_tokens)[0], \
+                sample, None
+        if task.name not in self._grids:
+            self._grids[task.name] = candidate_grid(task, self.regression_step)
+        text, summary = regression_answers(self.model, self.encoder, [sample], task,
+                                           self._grids[task.name], self.regression)[0]
+        return text, sample, summary
+
+    def ask(self, question: str, images: list[tuple[str, str | Path]],
+            max_new_tokens: int = 32) -> str:
+        """One answer. ``<image>`` placeholders are prepended for images the question lacks."""
+        text, _, self.last_distribution = self._reply(question, images, max_new_tokens)
+        return text
+
+    def notice(self, question: str) -> tuple[str | None, str | None]:
+        """(trained task the question matches or None, notice or None): the notice says that
+        the question matches no trained task, or that the model's tasks are unknown."""
+        if self.tasks is None:
+            return None, TASKS_UNKNOWN
+        match = match_task(question, self.tasks)
+        if match.task is None:
+            return None, untrained_notice(question, self.tasks)
+        return match.task, None
+
+    def answer(self, question: str, images: list[tuple[str, str | Path]],
+               max_new_tokens: int = 32) -> Answer:
+        """The answer, the trained task it belongs to and, for a classification task, each
+        option's probability (likelihood scoring over the options, as `evaluate` does); for a
+        regression task the model's distribution over candidate values."""
+        text, sample, summary = self._reply(question, images, max_new_tokens)
+        self.last_distribution = summary
+        task, notice = self.notice(question)
+        out = Answer(text, task=task, known=None if self.tasks is None else task is not None,
+                     notice=notice)
+        spec = task_spec(self.tasks[task]) if task is not None else None
+        if spec is None:
+            return out
+        out.kind, out.unit = spec.kind, spec.unit
+        if spec.kind == "classification":
+            scores = score_options(self.model, self.encoder, [sample], [list(spec.options)])[0]
+            probs = torch.softmax(scores, 0).tolist()
+            out.probs = {o: float(p) for o, p in zip(spec.options, probs, strict=True)}
+        else:
+            value = spec.parse(text)
+            out.value = None if value is None else float(value)
+            if summary is not None:
+                out.distribution = {"values": [float(v) for v, _ in summary["probs"]],
+                                    "probs": [float(q) for _, q in summary["probs"]],
+                                    "method": self.regression,
+                                    **{k: summary[k] for k in ("mean", "median", "sd")
+                                       if k in summary}}
+        return out
 
     def show(self, question: str, images: list[tuple[str, str | Path]], answer: str | None,
              out_png: str | Path, max_new_tokens: int = 32) -> Path:

@@ -13,6 +13,8 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
                       progress=False, log=lines.append)
     text = "\n".join(lines)
     assert "accuracy" in text and "majority baseline" in text
+    assert (f"umbrella serve --model {result.run_dir} --eval {result.eval_dir} "
+            f"--data-root T1={tmp_path / 'demo' / 'cohort'}") in text
     sex = result.metrics["tasks"]["sex"]
     assert sex["n"] == 6 and 0 <= sex["n_correct"] <= 6
     assert set(sex) >= {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc"}

@@ -339,6 +339,12 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
     return DemoPlan(built, files, cfg, out / "demo.yaml", used, truth)
 
 
+def serve_command(run_dir: Path, eval_dir: Path, cohort_root: Path, modalities) -> str:
+    """The `umbrella serve` command for a demo run: its model, evaluation and cohort."""
+    roots = " ".join(f"--data-root {m}={cohort_root}" for m in modalities)
+    return f"umbrella serve --model {run_dir} --eval {eval_dir} {roots}"
+
+
 def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: int = 0,
              n_subjects: int | None = None, image_size=None, patch: int | None = None,
              overrides: list[str] = (), progress: bool = True, log=print, modalities=("T1",),
@@ -382,5 +388,6 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
     log(f"      run folder: {trained.run_dir}\n      model:      {trained.model_dir}\n"
         f"      report:     {result.out_dir / 'report.md'}\n"
         f"      metrics:    {result.out_dir / 'metrics.json'}")
+    log(f"      look at the scans and ask in a browser:\n        {serve_command(trained.run_dir, result.out_dir, cohort.root, used)}")
     return DemoResult(trained.run_dir, trained.model_dir, result.out_dir, result.metrics,
                       question, answer, truth, time.time() - start, per_modality, answers)

@@ -10,7 +10,7 @@ Run folder layout (enough to evaluate and to ask)::
         best.json          the selected step (training.select_best) and every evaluation's value
         checkpoints/       intermediate checkpoints (training.save_steps)
         model/             the selected (else the last) weights (safetensors) + tokenizer +
-                           preprocessing.json
+                           preprocessing.json + tasks.json
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
+from umbrella.tasks.known import save_tasks
 from umbrella.tasks.registry import TASKS
 from umbrella.training.best import KeepBest, resolve_criterion
 from umbrella.training.callbacks import (
@@ -306,6 +307,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     best = keeper.finish() if keeper is not None else None  # the best weights back into the model
     if trainer.is_world_process_zero():
         save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+        save_tasks(splits["train"], run_dir / "model")  # what `ask` / `serve` may be asked
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
                        best)

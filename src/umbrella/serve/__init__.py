@@ -1,0 +1,1 @@
+"""`umbrella serve`: the model over HTTP with a viewer page (FastAPI app in :mod:`.app`)."""
