@@ -340,3 +340,31 @@ def test_prepare_demo_writes_config_without_training(tmp_path):
     with pytest.raises(ConfigError, match="isotropic voxels"):
         prepare_demo(tmp_path / "bad", cohort="realistic", n_subjects=4, image_size=(28, 28, 28),
                      progress=False, log=lambda _: None)
+
+
+def test_cli_build_only_calls_prepare_demo(monkeypatch, tmp_path, capsys):
+    import umbrella.demo.run as run_mod
+    from umbrella.cli import main
+
+    seen = {}
+
+    def fake_prepare(out, **kw):
+        seen.update(kw, out=out)
+        return run_mod.DemoPlan(cohort=type("C", (), {"root": tmp_path / "cohort"})(),
+                                records={"T1": [tmp_path / "sex_T1.jsonl"]}, config=None,
+                                config_path=tmp_path / "demo.yaml", modalities=("T1",))
+
+    def no_training(*a, **kw):
+        raise AssertionError("--build-only must not train")
+
+    monkeypatch.setattr(run_mod, "prepare_demo", fake_prepare)
+    monkeypatch.setattr(run_mod, "run_demo", no_training)
+    assert main(["demo", "--cohort", "realistic", "--build-only", "--out", str(tmp_path),
+                 "--seed", "2", "training.max_steps=5"]) == 0
+    assert seen["cohort"] == "realistic" and seen["n_subjects"] is None  # 400 by default
+    assert seen["image_size"] is None and seen["seed"] == 2
+    assert seen["overrides"] == ["training.max_steps=5"]
+    out = capsys.readouterr().out
+    assert f"umbrella train -c {tmp_path / 'demo.yaml'}" in out and "sex_T1.jsonl" in out
+    assert main(["demo", "--cohort", "realistic", "--build-only", "--quick"]) == 0
+    assert seen["image_size"] == (56, 64, 56) and seen["n_subjects"] == 60 and seen["patch"] == 8
