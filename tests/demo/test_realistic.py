@@ -22,7 +22,13 @@ from umbrella.demo.cohort import (
     build_demo_cohort,
     output_affine,
 )
-from umbrella.demo.modalities import FmriSettings, SessionJob, session_maps, synthesize_rsfmri
+from umbrella.demo.modalities import (
+    DmriSettings,
+    FmriSettings,
+    SessionJob,
+    session_maps,
+    synthesize_rsfmri,
+)
 from umbrella.errors import ConfigError
 
 GRID = (28, 32, 28)  # 8 mm over 224 x 256 x 224 mm
@@ -260,7 +266,8 @@ def test_deterministic_by_seed_whatever_the_workers(cohort, tmp_path):
     again = build_demo_cohort(tmp_path / "w1", 10, variant="realistic", seed=3, workers=1,
                               modalities=("T1", "rsfMRI"), **SMALL)
     other = build_demo_cohort(tmp_path / "s4", 10, variant="realistic", seed=4, workers=1,
-                              **SMALL)
+                              modalities=("T1", "dMRI"),
+                              dmri=DmriSettings(GRID, 8.0, real_dwi=False), **SMALL)
     for a, b in zip(cohort.subjects, again.subjects, strict=True):
         assert a == b
         for rel in (a.t1_path, a.rsfmri_path):
@@ -271,7 +278,10 @@ def test_deterministic_by_seed_whatever_the_workers(cohort, tmp_path):
     assert (cohort.root / "planted.csv").read_text() == (again.root / "planted.csv").read_text()
     first = cohort.subjects[0].t1_path
     assert not np.array_equal(_nifti(cohort.root / first)[0], _nifti(other.root / first)[0])
-    assert "rsfMRI" not in json.loads((other.root / "truth.json").read_text())["tasks"]["sex"]
+    sex = json.loads((other.root / "truth.json").read_text())["tasks"]["sex"]
+    assert set(sex) == {"T1", "dMRI"} and sex["dMRI"] == sex["T1"]  # the same planted scale
+    fa, fa_img = _nifti(other.root / other.subjects[0].dmri_path)
+    assert fa.shape == GRID and nib.aff2axcodes(fa_img.affine) == ("L", "A", "S")
 
 
 def test_rebuild_reuses_and_basic_has_no_truth(cohort, tmp_path):
