@@ -22,7 +22,13 @@ from umbrella.demo.cohort import (
     build_demo_cohort,
     output_affine,
 )
-from umbrella.demo.modalities import FmriSettings, SessionJob, session_maps, synthesize_rsfmri
+from umbrella.demo.modalities import (
+    DmriSettings,
+    FmriSettings,
+    SessionJob,
+    session_maps,
+    synthesize_rsfmri,
+)
 from umbrella.errors import ConfigError
 
 GRID = (28, 32, 28)  # 8 mm over 224 x 256 x 224 mm
@@ -260,7 +266,8 @@ def test_deterministic_by_seed_whatever_the_workers(cohort, tmp_path):
     again = build_demo_cohort(tmp_path / "w1", 10, variant="realistic", seed=3, workers=1,
                               modalities=("T1", "rsfMRI"), **SMALL)
     other = build_demo_cohort(tmp_path / "s4", 10, variant="realistic", seed=4, workers=1,
-                              **SMALL)
+                              modalities=("T1", "dMRI"),
+                              dmri=DmriSettings(GRID, 8.0, real_dwi=False), **SMALL)
     for a, b in zip(cohort.subjects, again.subjects, strict=True):
         assert a == b
         for rel in (a.t1_path, a.rsfmri_path):
@@ -271,7 +278,10 @@ def test_deterministic_by_seed_whatever_the_workers(cohort, tmp_path):
     assert (cohort.root / "planted.csv").read_text() == (again.root / "planted.csv").read_text()
     first = cohort.subjects[0].t1_path
     assert not np.array_equal(_nifti(cohort.root / first)[0], _nifti(other.root / first)[0])
-    assert "rsfMRI" not in json.loads((other.root / "truth.json").read_text())["tasks"]["sex"]
+    sex = json.loads((other.root / "truth.json").read_text())["tasks"]["sex"]
+    assert set(sex) == {"T1", "dMRI"} and sex["dMRI"] == sex["T1"]  # the same planted scale
+    fa, fa_img = _nifti(other.root / other.subjects[0].dmri_path)
+    assert fa.shape == GRID and nib.aff2axcodes(fa_img.affine) == ("L", "A", "S")
 
 
 def test_rebuild_reuses_and_basic_has_no_truth(cohort, tmp_path):
@@ -340,3 +350,31 @@ def test_prepare_demo_writes_config_without_training(tmp_path):
     with pytest.raises(ConfigError, match="isotropic voxels"):
         prepare_demo(tmp_path / "bad", cohort="realistic", n_subjects=4, image_size=(28, 28, 28),
                      progress=False, log=lambda _: None)
+
+
+def test_cli_build_only_calls_prepare_demo(monkeypatch, tmp_path, capsys):
+    import umbrella.demo.run as run_mod
+    from umbrella.cli import main
+
+    seen = {}
+
+    def fake_prepare(out, **kw):
+        seen.update(kw, out=out)
+        return run_mod.DemoPlan(cohort=type("C", (), {"root": tmp_path / "cohort"})(),
+                                records={"T1": [tmp_path / "sex_T1.jsonl"]}, config=None,
+                                config_path=tmp_path / "demo.yaml", modalities=("T1",))
+
+    def no_training(*a, **kw):
+        raise AssertionError("--build-only must not train")
+
+    monkeypatch.setattr(run_mod, "prepare_demo", fake_prepare)
+    monkeypatch.setattr(run_mod, "run_demo", no_training)
+    assert main(["demo", "--cohort", "realistic", "--build-only", "--out", str(tmp_path),
+                 "--seed", "2", "training.max_steps=5"]) == 0
+    assert seen["cohort"] == "realistic" and seen["n_subjects"] is None  # 400 by default
+    assert seen["image_size"] is None and seen["seed"] == 2
+    assert seen["overrides"] == ["training.max_steps=5"]
+    out = capsys.readouterr().out
+    assert f"umbrella train -c {tmp_path / 'demo.yaml'}" in out and "sex_T1.jsonl" in out
+    assert main(["demo", "--cohort", "realistic", "--build-only", "--quick"]) == 0
+    assert seen["image_size"] == (56, 64, 56) and seen["n_subjects"] == 60 and seen["patch"] == 8

@@ -29,6 +29,13 @@ with a planted sex difference in DMN-FPN connectivity) and a dMRI FA-like map, b
 same subject's anatomy (so the sex -> brain-scale effect is present too), plus dipy's small real
 DWI series for the tensor-fit path; see :mod:`umbrella.demo.modalities`. The default (T1 only)
 writes exactly what it always did, and its manifest keeps its original parameters.
+
+``variant="realistic"`` builds another cohort with the same machinery (one coordinate map and one
+``map_coordinates`` per volume, the same workers): effects that overlap as real ones do (sex as a
+Gaussian brain-scale difference with Bayes accuracy 0.89, age through a noisy brain age acting on
+ventricles, cortex and sulci, sex in rsfMRI connectivity only), native-space nuisance, 2 mm LAS
+images over a 224 x 256 x 224 mm field of view, and ``truth.json`` / ``planted.csv`` beside the
+phenotype table; see :mod:`umbrella.demo.realistic`.
 """
 
 from __future__ import annotations
