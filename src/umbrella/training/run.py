@@ -49,7 +49,7 @@ from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.tasks.registry import TASKS
-from umbrella.training.best import KeepBest, resolve_criterion
+from umbrella.training.best import KeepBest, resolve_criterion, whole_weights
 from umbrella.training.callbacks import (
     MARKER,
     CheckpointMarker,
@@ -303,9 +303,10 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     finally:
         _finish_trackers(cfg)
     best = keeper.finish() if keeper is not None else None  # the best weights back into the model
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, inputs, run_dir / "model")
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+    with whole_weights(trainer.model):  # DeepSpeed ZeRO-3: gathered (all ranks), else a no-op
+        if trainer.is_world_process_zero():
+            save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+            atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
                        best)
 
