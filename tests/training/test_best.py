@@ -5,7 +5,13 @@ seeded noise to every trainable weight at the end of each step after ``after``, 
 evaluation is far worse than the one at ``after``, and the best evaluation is known in advance.
 """
 
+import importlib.util
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from umbrella.errors import ConfigError
-from umbrella.training.best import RECORD, WEIGHTS, evaluations_without_improvement
+from umbrella.training.best import RECORD, WEIGHTS, evaluations_without_improvement, whole_weights
 from umbrella.training.callbacks import MARKER
 from umbrella.training.run import best_summary, train
 
@@ -28,12 +34,13 @@ class Spoil(TrainerCallback):
         step = state.global_step
         if step > self.after:
             gen = torch.Generator().manual_seed(step)
-            with torch.no_grad():
+            with whole_weights(model, modifier_rank=0), torch.no_grad():
                 for p in model.parameters():
                     if p.requires_grad:
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-        self.seen[step] = {n: p.detach().clone() for n, p in model.named_parameters()
-                           if p.requires_grad}
+                        p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.5)
+        with whole_weights(model):
+            self.seen[step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                               if p.requires_grad}
 
 
 class StopAt(TrainerCallback):
@@ -60,6 +67,7 @@ def _evaluated(run_dir) -> dict[int, float]:
     return {h["step"]: h["eval_loss"] for h in hist if "eval_loss" in h}
 
 
+REPO = Path(__file__).resolve().parents[2]
 COMMON = ("training.eval_steps=2", "training.logging_steps=2", "training.warmup_steps=2")
 
 
@@ -247,3 +255,30 @@ def test_score_is_the_mean_of_accuracy_and_relative_mae():
     out = metric.summarise({0: "male", 1: "male", 2: 14.0, 3: 23.0})
     assert out["accuracy/sex"] == 0.5 and out["mae/age"] == pytest.approx(1.5)
     assert out["score"] == pytest.approx((0.5 + (1 - 1.5 / 6)) / 2)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+@pytest.mark.parametrize("engine", [
+    "ddp", pytest.param("zero3", marks=[pytest.mark.slow, pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")])])
+def test_two_ranks_save_the_best_weights(tiny_cohort, tiny_records, tmp_path, engine):
+    """torchrun, 2 CPU ranks (gloo): rank 0 keeps the copy; under ZeRO-3 the partitions are
+    gathered for the copy, scattered back for the restore and gathered again for the save."""
+    worker = Path(__file__).with_name("best_worker.py")
+    path = os.pathsep.join(p for p in (str(worker.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
+    extra = [f"training.deepspeed={REPO / 'configs/deepspeed/zero3.json'}"] if engine == "zero3" else []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(tmp_path),
+           str(tiny_records), str(tiny_cohort.root), *extra]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = torch.load(tmp_path / "seen4.pt", weights_only=True)
+    assert out["best"]["step"] == 4 and [e["step"] for e in out["best"]["evaluations"]] == [2, 4, 6, 8]
+    saved = load_file(str(next((tmp_path / "runs").glob("*/seed_0/model/model.safetensors"))))
+    _assert_same_weights(saved, out["seen4"])

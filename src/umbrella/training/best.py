@@ -82,6 +82,13 @@ def _gathered(params: list, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def whole_weights(model, modifier_rank: int | None = None):
+    """Inside the block every parameter holds its whole tensor: a no-op except under DeepSpeed
+    ZeRO-3, where the partitions are gathered (every rank must enter) and, with
+    ``modifier_rank``, that rank's changes are scattered back on exit."""
+    return _gathered(_zero3_params(model), modifier_rank)
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -126,7 +133,7 @@ class KeepBest(TrainerCallback):
     # ------------------------------------------------------------------ weights
     def _snapshot(self) -> None:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        with _gathered(_zero3_params(self.model)):
+        with whole_weights(self.model):
             if _rank() == 0:
                 self.weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable}
 
@@ -135,7 +142,7 @@ class KeepBest(TrainerCallback):
         if self.best is None or self.best["step"] == self.last_step:
             return False
         params = dict(self.model.named_parameters())
-        with _gathered(_zero3_params(self.model), modifier_rank=0), torch.no_grad():
+        with whole_weights(self.model, modifier_rank=0), torch.no_grad():
             if _rank() == 0:
                 if self.weights is None:
                     raise RuntimeError("the best weights were not kept on rank 0")

@@ -50,7 +50,7 @@ from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.tasks.known import save_tasks
 from umbrella.tasks.registry import TASKS
-from umbrella.training.best import KeepBest, resolve_criterion
+from umbrella.training.best import KeepBest, resolve_criterion, whole_weights
 from umbrella.training.callbacks import (
     MARKER,
     CheckpointMarker,
@@ -305,10 +305,11 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     finally:
         _finish_trackers(cfg)
     best = keeper.finish() if keeper is not None else None  # the best weights back into the model
-    if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, inputs, run_dir / "model")
-        save_tasks(splits["train"], run_dir / "model")  # what `ask` / `serve` may be asked
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+    with whole_weights(trainer.model):  # DeepSpeed ZeRO-3: gathered (all ranks), else a no-op
+        if trainer.is_world_process_zero():
+            save_model(trainer.model, tokenizer, inputs, run_dir / "model")
+            save_tasks(splits["train"], run_dir / "model")  # what `ask` / `serve` may be asked
+            atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
                        best)
 
