@@ -233,7 +233,8 @@ def test_evaluate_reports_the_reference_and_its_verdict(trained_run, tiny_split_
                    sex={"T1": {"metric": "accuracy", "achievable": 0.97, "note": "planted scale"}},
                    age={"T1": {"metric": "mae", "achievable": 3.0}})
     kw = dict(split="test", progress=False, baseline_records=tiny_split_records["train"],
-              bootstrap=200, seed=3, plots=False, run_dir=result.run_dir)
+              bootstrap=200, seed=3, plots=False, run_dir=result.run_dir,
+              reference_cache=tmp_path / "features")  # the run's own may be filled already
     ev = evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "e", **kw,
                           truth=truth)
     on_disk = json.loads((tmp_path / "e" / "metrics.json").read_text())
