@@ -299,3 +299,46 @@ def test_free_text_and_untrained_groups_are_named_not_dropped(trained_run, tiny_
                             bootstrap=0, plots=False)
     assert none.metrics["reference"] == {"skipped": "no training split records were given to "
                                                     "fit it on"}
+
+
+def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path):
+    """Sex planted in functional connectivity only (same anatomy, same mean signal): ten regions
+    share a common time course in males, none in females."""
+    from umbrella.data.fmri import FmriSpec
+
+    rng = np.random.default_rng(1)
+    rows, network = [], rng.choice(6 ** 3, 10, replace=False)
+    for i in range(40):
+        sex = ("male", "female")[i % 2]
+        series = rng.normal(size=(6 ** 3, 30))
+        if sex == "male":
+            series[network] = 0.8 * rng.normal(size=30) + 0.6 * series[network]
+        run = 100 + np.kron(series.reshape(6, 6, 6, 30), np.ones((2, 2, 2, 1)))
+        run += rng.normal(0, 0.3, run.shape)
+        path = tmp_path / f"r{i:02d}_bold.nii.gz"
+        nib.save(nib.Nifti1Image(run.astype(np.float32), np.eye(4)), path)
+        rows.append(task_record(SEX, subject_id=f"r{i:02d}", answer=sex,
+                                images=[{"modality": "rsfMRI", "path": str(path)}], study="SYN",
+                                split="train" if i < 28 else "test", question=SEX.questions[0]))
+    records = [parse_record(r) for r in rows]
+    inputs = {"rsfMRI": ModalityInput("rsfMRI", FmriSpec(image_size=(12,) * 3,
+                                                         sequence_length=20), tokens=8)}
+    ref = fit_reference(_split(records, "train"), [(r, None) for r in _split(records, "test")],
+                        inputs, tmp_path / "cache", progress=False)
+    assert sum(r["correct"] for r in ref.rows) >= 11  # of 12
+    fit = ref.fits[("sex", "rsfMRI")]
+    assert fit.n_features == 216 * 215 // 2 + 216 and "connectivity of 6x6x6 blocks" in fit.features
+
+
+def test_comparison_records_use_signed_and_absolute_differences():
+    from umbrella.evaluation.reference import combine
+
+    pair = parse_record(task_record(
+        SEX, subject_id="a", answer="male", images=[{"modality": "T1", "path": "a.nii.gz"}],
+        study="S", split="train", question=SEX.questions[0], metadata={"subjects": ["a", "b"]}))
+    a, b = np.array([1.0, 5.0]), np.array([3.0, 2.0])
+    assert combine(pair, [a, b]).tolist() == [-2.0, 3.0, 2.0, 3.0]
+    single = parse_record(task_record(
+        SEX, subject_id="a", answer="male", images=[{"modality": "T1", "path": "a.nii.gz"}],
+        study="S", split="train", question=SEX.questions[0]))
+    assert combine(single, [a, b]).tolist() == [1.0, 5.0, 3.0, 2.0]  # one subject: concatenated
