@@ -301,7 +301,7 @@ def test_free_text_and_untrained_groups_are_named_not_dropped(trained_run, tiny_
                                                     "fit it on"}
 
 
-def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path):
+def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path, monkeypatch):
     """Sex planted in functional connectivity only (same anatomy, same mean signal): ten regions
     share a common time course in males, none in females."""
     from umbrella.data.fmri import FmriSpec
@@ -328,6 +328,20 @@ def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path):
     assert sum(r["correct"] for r in ref.rows) >= 11  # of 12
     fit = ref.fits[("sex", "rsfMRI")]
     assert fit.n_features == 216 * 215 // 2 + 216 and "connectivity of 6x6x6 blocks" in fit.features
+
+    decoded = []  # windows="all": one item per window, each run decoded once
+    real = ModalityInput.preprocess
+    monkeypatch.setattr(ModalityInput, "preprocess",
+                        lambda self, image, rid=None: decoded.append(rid) or real(self, image, rid))
+    test = _split(records, "test")[:2]
+    items = [(r, s) for r in test for s in inputs["rsfMRI"].window_starts(30)]
+    windows = fit_reference(_split(records, "train"), items, inputs, tmp_path / "cache",
+                            progress=False)
+    assert [r["item"] for r in windows.rows] == [f"{r.id}@w{s}" for r, s in items]
+    assert windows.computed == len(items) - 2 and decoded == [r.id for r in test]  # w0 cached
+    first = {r["id"]: r["probs"] for r in ref.rows}
+    assert [r["probs"] for r in windows.rows if r["window_start"] == 0] == \
+        [first[r.id] for r in test]
 
 
 def test_comparison_records_use_signed_and_absolute_differences():

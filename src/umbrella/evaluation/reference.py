@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from umbrella.data.cache import PreprocessCache, cache_key
 from umbrella.data.dataset import window_tensor
-from umbrella.data.inputs import ModalityInput, count_frames
+from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record
 from umbrella.errors import ConfigError
 from umbrella.evaluation.metrics import bootstrap_ci, encode_labels
@@ -129,11 +129,14 @@ def describe_features(inp: ModalityInput) -> str:
 
 
 class FeatureStore:
-    """Per-image features, read from the cache or computed (and stored) on a miss."""
+    """Per-image features, read from the cache or computed (and stored) on a miss. The last
+    preprocessed image is kept, so the windows of one rsfMRI run (consecutive items) decode it
+    once."""
 
     def __init__(self, inputs: dict[str, ModalityInput], cache_dir: Path):
         self.inputs, self.cache = inputs, PreprocessCache(cache_dir)
         self.computed = self.reused = 0
+        self._last: tuple[tuple[str, str], np.ndarray] | None = None
 
     def _key(self, rec: Record, j: int, start: int | None) -> str:
         image = rec.images[j]
@@ -143,37 +146,36 @@ class FeatureStore:
         return cache_key(image.path, f"reference-{image.modality}", params,
                          inp.extra_sources(image))
 
-    def _window_start(self, rec: Record, j: int, start: int | None) -> int | None:
-        inp = self.inputs[rec.images[j].modality]
-        if not inp.is_fmri:
-            return None
-        if start is not None:
-            return start
-        starts = inp.window_starts(count_frames(rec.images[j].path, rec.id))
-        return starts[0] if starts else 0  # too short: preprocessing / window_tensor raise
+    def _array(self, rec: Record, j: int) -> np.ndarray:
+        """The whole preprocessed image, exactly as the evaluation dataset reads it."""
+        image = rec.images[j]
+        which = (image.modality, str(image.path))
+        if self._last is None or self._last[0] != which:
+            self._last = (which, self.inputs[image.modality].preprocess(image, rec.id))
+        return self._last[1]
 
     def record(self, rec: Record, start: int | None = None) -> list[np.ndarray]:
-        """Features of every image of ``rec``; ``start`` is the rsfMRI window (None: the first)."""
+        """Features of every image of ``rec``; ``start`` is the rsfMRI window (None: the first,
+        which starts at frame 0)."""
         out = []
         for j, image in enumerate(rec.images):
             inp = self.inputs[image.modality]
-            s = self._window_start(rec, j, start)
+            s = (start or 0) if inp.is_fmri else None
             key = self._key(rec, j, s)
             cached = self.cache.get(key)
             if cached is not None:
                 self.reused += 1
                 out.append(np.asarray(cached, dtype=np.float32))
                 continue
-            array = inp.preprocess(image, rec.id)  # exactly as the evaluation dataset reads it
+            array = self._array(rec, j)
             if inp.is_fmri:
                 feats = fmri_features(window_tensor(array, s, inp.spec)[0].numpy())
             else:
                 feats = volume_features(array)
             meta = {"source": str(Path(image.path).resolve()), "kind": f"reference-{image.modality}",
                     "params": {"features": feature_params(inp), "window_start": s}}
-            self.cache.put(key, feats, meta)
-            self.computed += 1
-            out.append(np.asarray(self.cache.get(key), dtype=np.float32))  # float16, as reread
+            self.computed += 1  # stored as float16: first and later uses see the same values
+            out.append(np.asarray(self.cache.put(key, feats, meta), dtype=np.float32))
         return out
 
 
