@@ -135,7 +135,7 @@ def test_train_evaluate_ask_from_the_command_line(tiny_config, tiny_cohort, tmp_
     assert main(["evaluate", "--model", str(run_dir), "--quiet", "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
     assert "sex" in out and (run_dir / "evaluation_test" / "metrics.json").is_file()
-    assert "verdict: " in out and "reference features: T1: " in out  # the classical reference
+    assert "verdict: " in out and "reference features: 32x32x32 volume" in out  # the classical reference
     truth = tmp_path / "truth.json"
     truth.write_text('{"tasks": {"sex": {"T1": {"metric": "accuracy", "achievable": 0.9}}}}')
     assert main(["evaluate", "--model", str(run_dir), "--quiet", "--bootstrap", "50",

@@ -15,7 +15,9 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     assert "accuracy" in text and "majority baseline" in text
     assert (f"umbrella serve --model {result.run_dir} --eval {result.eval_dir} "
             f"--data-root T1={tmp_path / 'demo' / 'cohort'}") in text
+    assert "reference (95% CI)" in text and "verdict: " in text  # the classical reference
     sex = result.metrics["tasks"]["sex"]
+    assert sex["reference"]["comparison"]["verdict"] in text
     assert sex["n"] == 6 and 0 <= sex["n_correct"] <= 6
     assert set(sex) >= {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc"}
     for name in ("metrics.json", "report.md", "predictions.jsonl"):

@@ -233,7 +233,8 @@ def test_evaluate_reports_the_reference_and_its_verdict(trained_run, tiny_split_
                    sex={"T1": {"metric": "accuracy", "achievable": 0.97, "note": "planted scale"}},
                    age={"T1": {"metric": "mae", "achievable": 3.0}})
     kw = dict(split="test", progress=False, baseline_records=tiny_split_records["train"],
-              bootstrap=200, seed=3, plots=False, run_dir=result.run_dir)
+              bootstrap=200, seed=3, plots=False, run_dir=result.run_dir,
+              reference_cache=tmp_path / "features")  # the run's own may be filled already
     ev = evaluate_records(result.model_dir, tiny_split_records["test"], tmp_path / "e", **kw,
                           truth=truth)
     on_disk = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -298,3 +299,60 @@ def test_free_text_and_untrained_groups_are_named_not_dropped(trained_run, tiny_
                             bootstrap=0, plots=False)
     assert none.metrics["reference"] == {"skipped": "no training split records were given to "
                                                     "fit it on"}
+
+
+def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path, monkeypatch):
+    """Sex planted in functional connectivity only (same anatomy, same mean signal): ten regions
+    share a common time course in males, none in females."""
+    from umbrella.data.fmri import FmriSpec
+
+    rng = np.random.default_rng(1)
+    rows, network = [], rng.choice(6 ** 3, 10, replace=False)
+    for i in range(40):
+        sex = ("male", "female")[i % 2]
+        series = rng.normal(size=(6 ** 3, 30))
+        if sex == "male":
+            series[network] = 0.8 * rng.normal(size=30) + 0.6 * series[network]
+        run = 100 + np.kron(series.reshape(6, 6, 6, 30), np.ones((2, 2, 2, 1)))
+        run += rng.normal(0, 0.3, run.shape)
+        path = tmp_path / f"r{i:02d}_bold.nii.gz"
+        nib.save(nib.Nifti1Image(run.astype(np.float32), np.eye(4)), path)
+        rows.append(task_record(SEX, subject_id=f"r{i:02d}", answer=sex,
+                                images=[{"modality": "rsfMRI", "path": str(path)}], study="SYN",
+                                split="train" if i < 28 else "test", question=SEX.questions[0]))
+    records = [parse_record(r) for r in rows]
+    inputs = {"rsfMRI": ModalityInput("rsfMRI", FmriSpec(image_size=(12,) * 3,
+                                                         sequence_length=20), tokens=8)}
+    ref = fit_reference(_split(records, "train"), [(r, None) for r in _split(records, "test")],
+                        inputs, tmp_path / "cache", progress=False)
+    assert sum(r["correct"] for r in ref.rows) >= 11  # of 12
+    fit = ref.fits[("sex", "rsfMRI")]
+    assert fit.n_features == 216 * 215 // 2 + 216 and "connectivity of 6x6x6 blocks" in fit.features
+
+    decoded = []  # windows="all": one item per window, each run decoded once
+    real = ModalityInput.preprocess
+    monkeypatch.setattr(ModalityInput, "preprocess",
+                        lambda self, image, rid=None: decoded.append(rid) or real(self, image, rid))
+    test = _split(records, "test")[:2]
+    items = [(r, s) for r in test for s in inputs["rsfMRI"].window_starts(30)]
+    windows = fit_reference(_split(records, "train"), items, inputs, tmp_path / "cache",
+                            progress=False)
+    assert [r["item"] for r in windows.rows] == [f"{r.id}@w{s}" for r, s in items]
+    assert windows.computed == len(items) - 2 and decoded == [r.id for r in test]  # w0 cached
+    first = {r["id"]: r["probs"] for r in ref.rows}
+    assert [r["probs"] for r in windows.rows if r["window_start"] == 0] == \
+        [first[r.id] for r in test]
+
+
+def test_comparison_records_use_signed_and_absolute_differences():
+    from umbrella.evaluation.reference import combine
+
+    pair = parse_record(task_record(
+        SEX, subject_id="a", answer="male", images=[{"modality": "T1", "path": "a.nii.gz"}],
+        study="S", split="train", question=SEX.questions[0], metadata={"subjects": ["a", "b"]}))
+    a, b = np.array([1.0, 5.0]), np.array([3.0, 2.0])
+    assert combine(pair, [a, b]).tolist() == [-2.0, 3.0, 2.0, 3.0]
+    single = parse_record(task_record(
+        SEX, subject_id="a", answer="male", images=[{"modality": "T1", "path": "a.nii.gz"}],
+        study="S", split="train", question=SEX.questions[0]))
+    assert combine(single, [a, b]).tolist() == [1.0, 5.0, 3.0, 2.0]  # one subject: concatenated

@@ -27,7 +27,7 @@ logistic regression give the same predictions with or without it, since both pen
 rotation-invariant and the solution lies in the span of the training rows; it only makes every
 fit n-dimensional instead of one dimension per feature). Then ridge regression (regression
 tasks, ``RidgeCV``, alpha from :data:`ALPHAS`) or L2 logistic regression (classification,
-``GridSearchCV`` over C in :data:`CS`, chosen by log-loss). The regularisation is chosen by
+``LogisticRegressionCV``, C from :data:`CS`, chosen by log-loss). The regularisation is chosen by
 cross-validation on the training split only, folds grouped by subject (pair for comparison
 records): GroupKFold for regression, StratifiedGroupKFold for classification, up to 5 folds.
 rsfMRI training records contribute their first window; evaluated records are scored per item
@@ -41,9 +41,10 @@ size, mtime), its preprocessing parameters, the feature parameters and version, 
 window start. A second evaluation reads them back instead of decoding the images again.
 
 Verdict: a paired bootstrap over subjects (the same resamples of units as the metrics' CIs) of the
-model's *advantage*: model minus reference for accuracy, AUC, F1 and r, reference minus model
-for MAE and RMSE. "model better than the reference" when the 95% CI of the advantage in the
-primary metric (accuracy for classification, MAE for regression) lies above 0.
+model's *advantage* in the primary metric: accuracy (model minus reference) for classification,
+MAE (reference minus model) for regression, so that a positive advantage always favours the
+model. "model better than the reference" when its 95% CI lies above 0; "not better" otherwise
+(with "the reference is better" when the CI lies below 0).
 """
 
 from __future__ import annotations
@@ -60,22 +61,17 @@ from tqdm.auto import tqdm
 
 from umbrella.data.cache import PreprocessCache, cache_key
 from umbrella.data.dataset import window_tensor
-from umbrella.data.inputs import ModalityInput, count_frames
+from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record
 from umbrella.errors import ConfigError
-from umbrella.evaluation.metrics import (
-    bootstrap_ci,
-    class_scores,
-    encode_labels,
-    regression_metrics,
-)
+from umbrella.evaluation.metrics import bootstrap_ci, encode_labels
 from umbrella.evaluation.summary import (
     aggregate_classification,
     aggregate_regression,
     group_units,
-    summarise,
     unit_key,
 )
+from umbrella.evaluation.summary import task_metrics as score_rows
 from umbrella.tasks.registry import TaskSpec, task_for_record
 
 FEATURE_VERSION = 1
@@ -133,11 +129,14 @@ def describe_features(inp: ModalityInput) -> str:
 
 
 class FeatureStore:
-    """Per-image features, read from the cache or computed (and stored) on a miss."""
+    """Per-image features, read from the cache or computed (and stored) on a miss. The last
+    preprocessed image is kept, so the windows of one rsfMRI run (consecutive items) decode it
+    once."""
 
     def __init__(self, inputs: dict[str, ModalityInput], cache_dir: Path):
         self.inputs, self.cache = inputs, PreprocessCache(cache_dir)
         self.computed = self.reused = 0
+        self._last: tuple[tuple[str, str], np.ndarray] | None = None
 
     def _key(self, rec: Record, j: int, start: int | None) -> str:
         image = rec.images[j]
@@ -147,37 +146,36 @@ class FeatureStore:
         return cache_key(image.path, f"reference-{image.modality}", params,
                          inp.extra_sources(image))
 
-    def _window_start(self, rec: Record, j: int, start: int | None) -> int | None:
-        inp = self.inputs[rec.images[j].modality]
-        if not inp.is_fmri:
-            return None
-        if start is not None:
-            return start
-        starts = inp.window_starts(count_frames(rec.images[j].path, rec.id))
-        return starts[0] if starts else 0  # too short: preprocessing / window_tensor raise
+    def _array(self, rec: Record, j: int) -> np.ndarray:
+        """The whole preprocessed image, exactly as the evaluation dataset reads it."""
+        image = rec.images[j]
+        which = (image.modality, str(image.path))
+        if self._last is None or self._last[0] != which:
+            self._last = (which, self.inputs[image.modality].preprocess(image, rec.id))
+        return self._last[1]
 
     def record(self, rec: Record, start: int | None = None) -> list[np.ndarray]:
-        """Features of every image of ``rec``; ``start`` is the rsfMRI window (None: the first)."""
+        """Features of every image of ``rec``; ``start`` is the rsfMRI window (None: the first,
+        which starts at frame 0)."""
         out = []
         for j, image in enumerate(rec.images):
             inp = self.inputs[image.modality]
-            s = self._window_start(rec, j, start)
+            s = (start or 0) if inp.is_fmri else None
             key = self._key(rec, j, s)
             cached = self.cache.get(key)
             if cached is not None:
                 self.reused += 1
                 out.append(np.asarray(cached, dtype=np.float32))
                 continue
-            array = inp.preprocess(image, rec.id)  # exactly as the evaluation dataset reads it
+            array = self._array(rec, j)
             if inp.is_fmri:
                 feats = fmri_features(window_tensor(array, s, inp.spec)[0].numpy())
             else:
                 feats = volume_features(array)
             meta = {"source": str(Path(image.path).resolve()), "kind": f"reference-{image.modality}",
                     "params": {"features": feature_params(inp), "window_start": s}}
-            self.cache.put(key, feats, meta)
-            self.computed += 1
-            out.append(np.asarray(self.cache.get(key), dtype=np.float32))  # float16, as reread
+            self.computed += 1  # stored as float16: first and later uses see the same values
+            out.append(np.asarray(self.cache.put(key, feats, meta), dtype=np.float32))
         return out
 
 
@@ -232,8 +230,7 @@ def fit_group(task: TaskSpec, modalities: str, X: np.ndarray, y: list, groups: l
     """A cross-validated linear model on the training rows, or the reason there is none."""
     from sklearn.decomposition import PCA
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression, RidgeCV
-    from sklearn.model_selection import GridSearchCV
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
@@ -244,17 +241,19 @@ def fit_group(task: TaskSpec, modalities: str, X: np.ndarray, y: list, groups: l
     splitter, _, cv_text = folds
     splits = list(splitter.split(X, y, groups))
     if task.kind == "classification":
-        head = GridSearchCV(LogisticRegression(max_iter=2000), {"C": list(CS)}, cv=splits,
-                            scoring="neg_log_loss")
+        head = LogisticRegressionCV(Cs=list(CS), cv=splits, scoring="neg_log_loss", max_iter=2000)
     else:
         head = RidgeCV(alphas=list(ALPHAS), cv=splits)
     model = make_pipeline(StandardScaler(), PCA(svd_solver="full"), head)
     # one BLAS thread: these are small (n x n after the PCA) problems, and on a shared machine
-    # threads waiting for each other made the cross-validation about 8 times slower
+    # threads waiting for each other made the cross-validation several times slower.
+    # FutureWarning: scikit-learn 1.8+ announces new LogisticRegressionCV defaults (l1_ratios,
+    # fitted attributes) that do not change an L2 fit; C_ is read in both forms below.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         model.fit(X, np.asarray(y) if task.kind == "classification" else np.asarray(y, float))
-    reg = {"C": float(head.best_params_["C"])} if task.kind == "classification" else {"alpha": float(head.alpha_)}
+    reg = {"C": float(np.ravel(head.C_)[0])} if task.kind == "classification" else {"alpha": float(head.alpha_)}
     return Fit(task.name, modalities, task.kind, model, reg, len(set(groups)), len(y), X.shape[1],
                features, cv_text)
 
@@ -272,6 +271,8 @@ def _group_name(rec: Record) -> str:
 def _features_text(store: FeatureStore, rec: Record) -> str:
     parts = [f"{im.modality}: {describe_features(store.inputs[im.modality])}" for im in rec.images]
     text = "; ".join(dict.fromkeys(parts))
+    if len(rec.images) == 1:
+        return describe_features(store.inputs[rec.images[0].modality])
     if rec.metadata.get("subjects") and len(rec.images) == 2:
         return f"[a - b, |a - b|] of the two scans' features ({text})"
     return text
@@ -365,38 +366,20 @@ def fit_reference(train: list[Record], items: list[tuple[Record, int | None]],
 
 # ------------------------------------------------------------------------------------ comparison
 
-def _unit_arrays(spec: TaskSpec, rows: list[dict], baseline) -> dict:
+def _unit_values(spec: TaskSpec, rows: list[dict], baseline) -> np.ndarray:
+    """Per unit, in sorted order: 1/0 for a correct / wrong answer (classification) or the
+    absolute error (regression); aggregation and parse failures as in the summary."""
     units = list(group_units(rows).values())
     if spec.kind == "classification":
         agg = [aggregate_classification(u, spec.options) for u in units]
         t, p = encode_labels([a["reference"] for a in agg], [a["prediction"] for a in agg],
                              list(spec.options))
-        probs = np.array([a["probs"] for a in agg]) if all(a["probs"] is not None for a in agg) \
-            else None
-        return {"t": t, "p": p, "probs": probs}
+        return (t == p).astype(float)
     agg = [aggregate_regression(u) for u in units]
     y = np.array([a["reference"] for a in agg])
     mean = baseline if baseline is not None else float(y.mean())
     f = np.array([mean if a["prediction"] is None else a["prediction"] for a in agg])
-    return {"y": y, "f": f}
-
-
-def _scores(spec: TaskSpec, a: dict, i: np.ndarray) -> dict:
-    if spec.kind == "classification":
-        probs = None if a["probs"] is None else a["probs"][i]
-        return class_scores(a["t"][i], a["p"][i], len(spec.options), probs)
-    return regression_metrics(a["y"][i], a["f"][i])
-
-
-def _advantage(model: dict, ref: dict) -> dict:
-    out = {}
-    for key, m in model.items():
-        r = ref.get(key)
-        if m is None or r is None:
-            out[key] = None
-        else:
-            out[key] = float(r - m) if key in LOWER_IS_BETTER else float(m - r)
-    return out
+    return np.abs(f - y)
 
 
 def verdict(advantage_ci: list[float] | None) -> str:
@@ -411,24 +394,22 @@ def verdict(advantage_ci: list[float] | None) -> str:
 
 def paired_comparison(spec: TaskSpec, model_rows: list[dict], ref_rows: list[dict], *,
                       baseline=None, resamples: int = 1000, seed: int = 0) -> dict:
-    """The model's advantage over the reference per metric, with paired bootstrap 95% CIs over
-    the same units (subjects, pairs), and the verdict from the primary metric."""
+    """The model's advantage over the reference in the primary metric (accuracy: model minus
+    reference; MAE: reference minus model), with a paired percentile bootstrap 95% CI over the
+    same units (subjects, pairs; the resamples the metrics' CIs use), and the verdict."""
     keys_m, keys_r = set(group_units(model_rows)), set(group_units(ref_rows))
     if keys_m != keys_r:
         raise ValueError(f"model and reference rows cover different units ({len(keys_m)} vs "
                          f"{len(keys_r)})")
-    m, r = _unit_arrays(spec, model_rows, baseline), _unit_arrays(spec, ref_rows, baseline)
-    n = len(keys_m)
-    every = np.arange(n)
-    point = _advantage(_scores(spec, m, every), _scores(spec, r, every))
-    cis = bootstrap_ci(lambda i: _advantage(_scores(spec, m, i), _scores(spec, r, i)), n,
-                       resamples=resamples, seed=seed)
     primary = PRIMARY[spec.kind]
+    sign = -1.0 if primary in LOWER_IS_BETTER else 1.0
+    # per unit: + favours the model (a hit the reference missed, or a smaller error)
+    gain = sign * (_unit_values(spec, model_rows, baseline) - _unit_values(spec, ref_rows, baseline))
+    cis = bootstrap_ci(lambda i: {primary: float(gain[i].mean())}, len(gain),
+                       resamples=resamples, seed=seed)
     ci = cis.get(primary)
-    return {"metric": primary, "advantage": point[primary], "ci": ci, "verdict": verdict(ci),
-            "n": n, "sign": "reference - model" if primary in LOWER_IS_BETTER
-            else "model - reference",
-            "all": {k: {"advantage": v, "ci": cis.get(k)} for k, v in point.items()}}
+    return {"metric": primary, "advantage": float(gain.mean()), "ci": ci, "verdict": verdict(ci),
+            "n": len(gain), "sign": "reference - model" if sign < 0 else "model - reference"}
 
 
 # ------------------------------------------------------------------------------------ metrics.json
@@ -452,34 +433,34 @@ def attach_reference(summary: dict, model_rows: list[dict], ref: Reference,
                      resamples: int, seed: int) -> None:
     """Add a ``reference`` block (metrics, CIs, fits, comparison with verdict) beside each
     ``baseline`` of ``summary`` (per task, and per modality group where those exist)."""
-    ref_summary = summarise(ref.rows, specs, baselines=baselines, resamples=resamples, seed=seed)
     kw = {"resamples": resamples, "seed": seed}
     for name, task_metrics in summary["tasks"].items():
         spec = specs.get(name)
         mine = [r for r in model_rows if r["task"] == name]
+        theirs = [r for r in ref.rows if r["task"] == name]
         groups = sorted({"+".join(r["modalities"]) for r in mine})
         skipped = {g: ref.skipped[(name, g)] for g in groups if (name, g) in ref.skipped}
-        fits = [ref.fits[(name, g)] for g in groups if (name, g) in ref.fits]
+        base = {"baseline": baselines.get(name), "source": "train" if name in baselines
+                else "evaluated split"}
         if skipped:
             task_metrics["reference"] = {"skipped": "; ".join(f"{g}: {why}"
                                                               for g, why in skipped.items())}
-        elif name in ref_summary["tasks"]:
-            block = _block(spec, ref_summary["tasks"][name], fits)
-            block["comparison"] = paired_comparison(
-                spec, mine, [r for r in ref.rows if r["task"] == name],
-                baseline=baselines.get(name), **kw)
+        else:
+            block = _block(spec, score_rows(spec, theirs, **base, **kw),
+                           [ref.fits[(name, g)] for g in groups])
+            block["comparison"] = paired_comparison(spec, mine, theirs,
+                                                    baseline=baselines.get(name), **kw)
             task_metrics["reference"] = block
         for group, m in summary.get("by_modality", {}).get(name, {}).items():
             if (name, group) in ref.skipped:
                 m["reference"] = {"skipped": ref.skipped[(name, group)]}
                 continue
-            ref_group = [r for r in ref.rows if r["task"] == name
-                         and "+".join(r["modalities"]) == group]
-            ref_metrics = summarise(ref_group, specs, baselines=baselines, **kw)
-            block = _block(spec, ref_metrics["tasks"][name], [ref.fits[(name, group)]])
-            block["comparison"] = paired_comparison(
-                spec, [r for r in mine if "+".join(r["modalities"]) == group], ref_group,
-                baseline=baselines.get(name), **kw)
+            ours = [r for r in mine if "+".join(r["modalities"]) == group]
+            theirs_g = [r for r in theirs if "+".join(r["modalities"]) == group]
+            block = _block(spec, score_rows(spec, theirs_g, **base, **kw),
+                           [ref.fits[(name, group)]])
+            block["comparison"] = paired_comparison(spec, ours, theirs_g,
+                                                    baseline=baselines.get(name), **kw)
             m["reference"] = block
 
 
