@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from umbrella.config import MODALITIES, ModalityConfig, UmbrellaConfig
 from umbrella.data.records import Record, parse_record
-from umbrella.data.volumes import MAX_VOXELS, read_nifti
+from umbrella.data.volumes import MAX_VOXELS, is_compressed, read_nifti
 from umbrella.errors import ConfigError, RecordError, VolumeError
 from umbrella.tasks.registry import task_for_record
 
@@ -84,7 +84,6 @@ _VOLUME_KINDS = ((r"file not found", "missing_file"), (r"not a regular file", "m
                  (r"volume is constant", "constant"))  # read_nifti's messages, by how they start
 _JSON_ERRORS = (ValueError, RecursionError)  # JSONDecodeError, UnicodeDecodeError, int digits
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
-_COMPRESSED = (".gz", ".bz2", ".zst")
 _CHUNK_VOXELS = 2**25  # 4D series are read this many voxels at a time (128 MiB of float32)
 _FRAME_PATTERN = re.compile(r"^frame_(\d+)\.pt$")
 _CORRUPT_FIX = ("re-download or re-convert the file (e.g. with dcm2niix); "
@@ -467,7 +466,7 @@ def _header_problem(job: _ImageJob, img: SpatialImage) -> Problem | None:
     holder = img.file_map.get("image")
     offset = getattr(img.dataobj, "offset", None)
     if holder is not None and holder.filename and offset is not None \
-            and not str(holder.filename).endswith(_COMPRESSED):
+            and not is_compressed(holder.filename):
         need = int(offset) + math.prod(shape) * dtype.itemsize
         have = Path(holder.filename).stat().st_size
         if need > have:
@@ -490,7 +489,7 @@ def _open_image(job: _ImageJob) -> tuple[SpatialImage | None, Problem | None]:
     try:
         img = nib.load(job.path, keep_file_open=True)  # one handle: 4D chunks read in one pass
     except Exception as exc:  # nibabel raises many types for garbage; all mean "not readable"
-        return None, _problem(job, "corrupt_file", f"cannot read as NIfTI "
+        return None, _problem(job, "corrupt_file", f"cannot read as NIfTI / MGH volume "
                               f"({type(exc).__name__}: {exc})", _CORRUPT_FIX)
     if not isinstance(img, SpatialImage):
         return None, _problem(job, "corrupt_file", f"{type(img).__name__} is not a volumetric "

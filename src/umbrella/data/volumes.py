@@ -100,7 +100,8 @@ class VolumeSpec:
 
 
 def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI (.nii / .nii.gz) as RAS+ canonical ``(data, affine)``.
+    """Load a 3D volume as RAS+ canonical ``(data, affine)``: NIfTI-1 or NIfTI-2 (.nii,
+    .nii.gz) or FreeSurfer MGH (.mgh, .mgz: T1.mgz, brain.mgz, norm.mgz), all through nibabel.
 
     ``data`` is float32 of shape (D, H, W) with scl_slope / scl_inter applied; ``affine`` is the
     4x4 float64 voxel-to-world matrix of the reoriented image. A 4D image whose extra dims are
@@ -126,7 +127,8 @@ def read_canonical(path: Path, ndim: int, fail, dims_fix: str) -> tuple[np.ndarr
     try:
         img = nib.load(path)
     except _READ_ERRORS as exc:
-        raise fail(f"cannot read as NIfTI ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
+        raise fail(f"cannot read as NIfTI / MGH volume ({type(exc).__name__}: {exc})",
+                   _CORRUPT_FIX) from exc
     if not isinstance(img, SpatialImage):
         raise fail(f"{type(img).__name__} is not a volumetric image",
                    f"point the record at a {ndim}D NIfTI")
@@ -161,11 +163,25 @@ def _check_header(img, path: Path, fail) -> None:
         raise fail(f"the header declares {n_voxels} voxels (shape {tuple(img.shape)}), more than "
                    f"{MAX_VOXELS}", "the header is corrupt or this is not a brain volume")
     offset = int(getattr(img.header, "get_data_offset", lambda: 0)())
-    if not str(path).endswith(".gz"):
+    if not is_compressed(path):  # a compressed file's size says nothing about its voxel bytes
         needed = offset + n_voxels * dtype.itemsize
         if needed > path.stat().st_size:
             raise fail(f"the header declares {needed} bytes of data but the file has "
                        f"{path.stat().st_size} (truncated file or corrupt header)", _CORRUPT_FIX)
+
+
+_COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\x28\xb5\x2f\xfd")  # gzip (.gz, .mgz), bz2, zstd
+
+
+def is_compressed(path: str | Path) -> bool:
+    """Whether a file is gzip / bz2 / zstd compressed, judged by its first bytes (a FreeSurfer
+    ``.mgz`` is gzip without a ``.gz`` suffix); False for a file that cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _COMPRESSION_MAGIC)
 
 
 def _check_values(data: np.ndarray, fail) -> None:
