@@ -144,7 +144,9 @@ def _cmd_validate(args) -> int:
                                         {m: Path(p) for m, p in roots.items()},
                                         workers=args.workers, progress=not args.quiet)
     print(report.summary_table())
-    for line in report.lines():
+    if report.geometry:
+        print(report.geometry_table())
+    for line in report.lines() + report.warning_lines():
         print(line)
     if args.json:
         atomic_write_json(args.json, report.to_dict())

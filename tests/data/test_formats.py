@@ -45,7 +45,7 @@ def test_mgz_mgh_and_nifti2_read_like_nifti1(files):
 def test_validate_accepts_every_format_and_still_catches_a_truncated_mgh(files, tmp_path):
     cut = tmp_path / "cut.mgh"
     cut.write_bytes(files["T1.mgh"].read_bytes()[:5000])
-    rows = [{"id": f"r{i}", "subject_id": f"s{i}", "split": "train", "task": "sex",
+    rows = [{"id": f"r{i}", "subject_id": "s", "split": "train", "task": "sex",  # one scan
              "images": [{"modality": "T1", "path": path.name}],
              "conversations": [{"from": "human", "value": "<image>\nWhat is the sex?"},
                                {"from": "gpt", "value": "male"}]}

@@ -26,6 +26,7 @@ What is checked (``Problem.kind`` in brackets):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -43,8 +44,8 @@ from nibabel.spatialimages import SpatialImage
 from tqdm.auto import tqdm
 
 from umbrella.config import MODALITIES, ModalityConfig, UmbrellaConfig
-from umbrella.data.records import Record, parse_record
-from umbrella.data.volumes import MAX_VOXELS, is_compressed, read_nifti
+from umbrella.data.records import Record, decode_text, parse_record
+from umbrella.data.volumes import MAX_VOXELS, VolumeSpec, is_compressed, kept_fraction, read_nifti
 from umbrella.errors import ConfigError, RecordError, VolumeError
 from umbrella.tasks.registry import task_for_record
 
@@ -68,7 +69,18 @@ KINDS = {  # kind -> what it means; the order of the summary table
     "fmri_too_short": "an rsfMRI run has fewer frames than one window",
     "dmri_no_gradients": "a 4D diffusion series has no bval / bvec",
     "dmri_bad_gradients": "bval / bvec cannot be read or do not match the series",
+    "implausible_answer": "a numeric answer lies outside the task's plausible range",
+    "duplicate_scan": "one scan (same file or same voxels) is named under two subject ids",
+    "no_orientation": "a NIfTI has sform and qform codes 0: no usable orientation",
 }
+WARNING_KINDS = {  # reported, but do not fail validation
+    "fmri_no_tr": "an rsfMRI run has no TR in its header and its study's TR is unknown",
+    "head_cropped": "the configured geometry cuts off part of the head",
+    "extreme_anisotropy": "the voxels are much longer along one axis than another",
+}
+MIN_KEPT = 0.99  # warn when the spatial fitting keeps less of the head than this
+MAX_FOV_MM = 500.0  # a wider image is not a head: its header's voxel sizes are wrong
+MAX_ANISOTROPY = 3.0  # warn when the longest voxel side exceeds this many times the shortest
 
 _RECORD_KINDS = ((r"missing key ", "missing_key"), (r"unknown modality ", "unknown_modality"),
                  (r"\d+ <image> placeholders but \d+ images", "image_count"))  # parse_record's
@@ -124,6 +136,8 @@ class ValidationReport:
     n_records: int  # record entries read, including those that failed to parse
     n_files: int  # distinct image files referenced by the records that parsed
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # kinds of WARNING_KINDS
+    geometry: dict[str, dict] = field(default_factory=dict)  # "study modality" -> spread
 
     @property
     def ok(self) -> bool:
@@ -140,6 +154,9 @@ class ValidationReport:
         head = (f"validated {self.n_records} records and {self.n_files} image files: "
                 f"{len(self.problems) or 'no'} problem{'' if len(self.problems) == 1 else 's'}")
         counts = self.counts()
+        if self.warnings:
+            found = Counter(p.kind for p in self.warnings)
+            head += "; warnings: " + ", ".join(f"{k} x{n}" for k, n in found.items())
         if not counts:
             return head
         width = max(len("kind"), *map(len, counts))
@@ -151,10 +168,25 @@ class ValidationReport:
     def lines(self) -> list[str]:
         return [p.describe() for p in self.problems]
 
+    def warning_lines(self) -> list[str]:
+        return [f"warning: {p.describe()}" for p in self.warnings]
+
+    def geometry_table(self) -> str:
+        """Per study and modality: images, voxel sizes and fields of view (min .. max per axis)."""
+        rows = []
+        for name, g in self.geometry.items():
+            def span(key, g=g):
+                lo, hi = g[key]
+                return "x".join(f"{a:g}" for a in lo) + " .. " + "x".join(f"{b:g}" for b in hi)
+            rows.append(f"{name}: {g['images']} images; voxel mm {span('voxel_mm')}; "
+                        f"field of view mm {span('fov_mm')}")
+        return "\n".join(rows)
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "n_records": self.n_records, "n_files": self.n_files,
                 "n_problems": len(self.problems), "counts": self.counts(),
-                "problems": [asdict(p) for p in self.problems]}
+                "problems": [asdict(p) for p in self.problems],
+                "warnings": [asdict(p) for p in self.warnings], "geometry": self.geometry}
 
 
 # ----------------------------------------------------------------------------- rules
@@ -162,6 +194,8 @@ class ValidationReport:
 @dataclass(frozen=True)
 class _Rules:
     min_fmri_frames: int
+    specs: dict = field(default_factory=dict)  # modality -> VolumeSpec / FmriSpec of the config
+    study_tr: dict = field(default_factory=dict)  # study -> TR in s (None: unknown)
 
 
 def fmri_window_frames(section: ModalityConfig) -> int:
@@ -224,7 +258,7 @@ def _json_reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"
     if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 (byte {exc.object[exc.start]:#04x} at byte {exc.start + 1})"
+        return f"not UTF-8 or Windows-1252 (byte {exc.object[exc.start]:#04x} at byte {exc.start + 1})"
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc)
@@ -280,6 +314,10 @@ def _read_entries(path: Path) -> tuple[list[_Entry], list[Problem]]:
     except OSError as exc:
         return [], [Problem("corrupt_file", None, str(path), f"cannot read records file ({exc})",
                             "check the file's permissions")]
+    try:  # UTF-8 with or without BOM, or Windows-1252: re-encoded, the checks read UTF-8
+        raw = decode_text(raw).encode("utf-8")
+    except UnicodeDecodeError:
+        pass  # reported line by line below
     entries, problems = (_jsonl_entries(path, raw), []) if path.suffix == ".jsonl" \
         else _json_entries(path, raw)
     if not entries and not problems:
@@ -347,6 +385,9 @@ class _ImageJob:
     bval: Path | None = None
     bvec: Path | None = None
     n_refs: int = 1
+    study: str = ""
+    refs: list = field(default_factory=list)  # (subject, split, record id) naming this file
+    info: dict = field(default_factory=dict)  # filled by the checks: shape, voxel_mm, digest
 
 
 class _Collector:
@@ -382,13 +423,17 @@ class _Collector:
             return
         for problem in self._across(rec, entry):
             self.report(problem)
-        for image, raw in zip(rec.images, _raw_images(entry.obj), strict=True):
+        subjects = _image_subjects(rec)
+        for i, (image, raw) in enumerate(zip(rec.images, _raw_images(entry.obj), strict=True)):
             self.referenced.add((image.modality, image.path))
             escape = _escape_problem(rec, image, self.roots)
             if escape is not None:
                 self.report(escape)
             else:
                 self._add_job(rec, image, raw)
+                if subjects[i] is not None:
+                    self.jobs[(image.modality, image.path)].refs.append(
+                        (subjects[i], rec.split, rec.id))
 
     def _across(self, rec: Record, entry: _Entry) -> list[Problem]:
         def problem(kind: str, message: str, fix: str) -> Problem:
@@ -407,6 +452,7 @@ class _Collector:
                                f"subject {rec.subject_id!r} is in split {rec.split!r} here and in "
                                f"{split!r} in record {first_id!r}",
                                "assign each subject to exactly one split (splits are by subject)"))
+        task = None
         try:  # the spec the record was written with (metadata.task_spec), else the built-in
             task = task_for_record(rec.task, rec.metadata if isinstance(rec.metadata, dict) else {})
             unparseable = (task is not None and task.kind == "classification"
@@ -416,6 +462,8 @@ class _Collector:
                                f"({type(exc).__name__}: {exc})", "rewrite the record with "
                                "`umbrella prepare`, or remove metadata.task_spec"))
             unparseable = False
+        if task is not None and task.kind == "regression" and task.parse(rec.answer) is None:
+            out.append(_number_problem(problem, rec, task))
         if unparseable:
             out.append(problem("unparseable_answer",
                                f"answer {rec.answer!r} names none or several of the {rec.task} "
@@ -438,7 +486,31 @@ class _Collector:
             return root / path if root is not None and not path.is_absolute() else path
 
         self.jobs[key] = _ImageJob(self.order, image.modality, image.path, rec.id,
-                                   side("bval"), side("bvec"))
+                                   side("bval"), side("bvec"), study=rec.study)
+
+
+def _image_subjects(rec: Record) -> list[str | None]:
+    """The subject of each image: the record's for one image, ``metadata.subjects`` for a
+    record comparing subjects; None (not known) for other records of several images."""
+    meta = rec.metadata if isinstance(rec.metadata, dict) else {}
+    named = meta.get("subjects")
+    if isinstance(named, list) and len(named) == len(rec.images):
+        return [str(s) for s in named]
+    return [rec.subject_id] if len(rec.images) == 1 else [None] * len(rec.images)
+
+
+def _number_problem(problem, rec: Record, task) -> Problem:
+    """A regression answer that did not parse: a number outside the range, or no number."""
+    unbounded = replace(task, low=None, high=None)
+    value = unbounded.parse(rec.answer)
+    if value is not None:
+        return problem("implausible_answer", f"answer {rec.answer!r} ({value:g} {task.unit}) is "
+                       f"outside the plausible range [{task.low:g}, {task.high:g}] of "
+                       f"{rec.task}", "check the phenotype value and its unit (e.g. months "
+                       "vs years: umbrella prepare --age-unit), or drop the record")
+    return problem("unparseable_answer", f"answer {rec.answer!r} holds no single number for "
+                   f"{rec.task}", f"make the last assistant turn one number, e.g. "
+                   f"{task.format_answer((task.low or 0) + 1)!r}")
 
 
 # ----------------------------------------------------------------------------- image files
@@ -515,16 +587,98 @@ def _core_shape(shape: tuple) -> tuple:
     return shape
 
 
-def _read_3d(job: _ImageJob) -> list[Problem]:
-    """Read every voxel with read_nifti; its VolumeError becomes a problem of the matching kind."""
+def _read_3d(job: _ImageJob, rules: _Rules) -> list[Problem]:
+    """Read every voxel with read_nifti; its VolumeError becomes a problem of the matching kind.
+    A volume that reads is hashed (duplicate scans) and its cropping measured."""
     try:
-        read_nifti(job.path)
+        data, affine = read_nifti(job.path)
     except VolumeError as exc:
         message, fix = _split_fix(str(exc).removeprefix(f"file {job.path}: "))
         kind = next((k for pattern, k in _VOLUME_KINDS if re.match(pattern, message)),
                     "corrupt_file")
         return [_problem(job, kind, message, fix or _CORRUPT_FIX)]
-    return []
+    job.info["digest"] = hashlib.blake2b(np.ascontiguousarray(data).tobytes(),
+                                         digest_size=16).hexdigest()
+    return _crop_warning(job, data, affine, rules)
+
+
+def _crop_warning(job: _ImageJob, data, affine, rules: _Rules) -> list[Problem]:
+    """head_cropped when the configured spatial fitting keeps less than MIN_KEPT of the head."""
+    spec = rules.specs.get(job.modality)
+    if spec is None or not isinstance(spec, VolumeSpec):
+        return []
+    fov = job.info.get("fov_mm", [0.0])
+    if max(fov) > MAX_FOV_MM:
+        return [_problem(job, "corrupt_file", f"the header's voxel sizes give a field of view of "
+                         f"{'x'.join(f'{v:g}' for v in fov)} mm, more than {MAX_FOV_MM:g} mm: "
+                         "not a head", "repair the voxel sizes (pixdim) in the header, or "
+                         "re-convert the file")]
+    try:
+        kept = kept_fraction(data, affine, spec)
+    except ValueError as exc:
+        return [_problem(job, "corrupt_file", f"cannot be resampled for the model input ({exc})",
+                         "check the header's voxel sizes and dataset.<modality>.voxel_size / "
+                         "field_of_view")]
+    job.info["kept"] = round(kept, 4)
+    if kept >= MIN_KEPT:
+        return []
+    spacing = spec.target_spacing()
+    where = (f"{'x'.join(f'{v:g}' for v in spacing)} mm voxels" if spacing else
+             "the file's own spacing")
+    cover = [n * (spacing[i] if spacing else job.info["voxel_mm"][i])
+             for i, n in enumerate(spec.image_size)]
+    return [_problem(job, "head_cropped", f"the {job.modality} input ({spec.image_size[0]}x"
+                     f"{spec.image_size[1]}x{spec.image_size[2]} at {where}, "
+                     f"{'x'.join(f'{c:.0f}' for c in cover)} mm) keeps {100 * kept:.1f}% of "
+                     f"the head (image {'x'.join(f'{c:.0f}' for c in job.info['fov_mm'])} mm)",
+                     f"set dataset.{job.modality}.field_of_view (default 201.6 mm) and leave "
+                     f"dataset.{job.modality}.voxel_size unset, or raise "
+                     f"dataset.{job.modality}.image_size")]
+
+
+def _header_facts(job: _ImageJob, img: SpatialImage, rules: _Rules) -> list[Problem]:
+    """Geometry of the file (for the per-study spread) and the header faults that do not stop
+    reading: no orientation, extreme anisotropy, an rsfMRI run without TR."""
+    shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    order = [int(a) for a in nib.orientations.io_orientation(affine)[:, 0]]
+    voxel, size = [0.0] * 3, [0] * 3
+    for i, axis in enumerate(order):  # in RAS+ axis order, as the reader returns the data
+        voxel[axis], size[axis] = float(spacing[i]), shape[i]
+    job.info.update(voxel_mm=[round(v, 3) for v in voxel],
+                    fov_mm=[round(v * n, 1) for v, n in zip(voxel, size, strict=True)])
+    out = []
+    header = img.header
+    if "sform_code" in header and int(header["sform_code"]) == 0 \
+            and int(header["qform_code"]) == 0:
+        out.append(_problem(job, "no_orientation", "sform_code and qform_code are both 0: the "
+                            "header holds no orientation, so left/right and the axes are "
+                            "guessed", "re-convert from DICOM (dcm2niix writes both), or set "
+                            "the codes once the affine is known good (`fslorient "
+                            "-setsformcode 1`, nibabel `img.set_sform(affine, code=1)`)"))
+    if min(voxel) > 0 and max(voxel) / min(voxel) > MAX_ANISOTROPY:
+        out.append(_problem(job, "extreme_anisotropy", f"voxels are {'x'.join(f'{v:g}' for v in voxel)} "
+                            f"mm ({max(voxel) / min(voxel):.1f}:1): thick slices blur the "
+                            "input along one axis", "use an isotropic (e.g. 3D) acquisition for "
+                            "this record, or drop it; resampling cannot restore the detail"))
+    if job.modality == "rsfMRI" and len(shape) >= 4:
+        tr = float(header.get_zooms()[3]) if len(header.get_zooms()) > 3 else 0.0
+        out += _tr_problem(job, tr, rules)
+    return out
+
+
+def _tr_problem(job: _ImageJob, tr: float, rules: _Rules) -> list[Problem]:
+    if math.isfinite(tr) and tr > 0:
+        return []
+    if rules.study_tr.get(job.study) is not None:
+        return []
+    name = job.study or "<STUDY>"
+    source = "a frame folder has no header" if math.isnan(tr) else f"header pixdim[4] is {tr:g}"
+    study = job.study or "(none named in the record)"
+    return [_problem(job, "fmri_no_tr", f"the run has no TR ({source}) and study {study}'s TR "
+                     "is unknown, so its windows have no known duration",
+                     f"set studies.{name}.tr (seconds) in the config, or write the TR into "
+                     "the header (dcm2niix does)")]
 
 
 def _value_problems(job: _ImageJob, n_bad: int, total: int, lo: float, hi: float,
@@ -660,12 +814,12 @@ def _check_t1(job: _ImageJob, rules: _Rules) -> list[Problem]:
         return [problem]
     if len(_core_shape(img.shape)) != 3:
         return [_dims_problem(job, img.shape)]
-    return _read_3d(job)
+    return _header_facts(job, img, rules) + _read_3d(job, rules)
 
 
 def _check_fmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
     if job.path.is_dir():
-        return _check_frame_folder(job, rules)
+        return _check_frame_folder(job, rules) + _tr_problem(job, math.nan, rules)
     img, problem = _open_image(job)
     if problem is not None:
         return [problem]
@@ -673,7 +827,16 @@ def _check_fmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
     if len(shape) < 4 or any(n != 1 for n in shape[4:]):
         return [_dims_problem(job, shape)]
     out = [_too_short(job, shape[3], rules)] if shape[3] < rules.min_fmri_frames else []
-    return out + _scan_4d(job, img)
+    job.info["digest"] = _file_digest(job.path)
+    return _header_facts(job, img, rules) + out + _scan_4d(job, img)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_dmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
@@ -682,10 +845,12 @@ def _check_dmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
         return [problem]
     core = _core_shape(img.shape)
     if len(core) == 3:
-        return _read_3d(job)
+        return _header_facts(job, img, rules) + _read_3d(job, rules)
     if len(core) != 4:
         return [_dims_problem(job, img.shape)]
-    return _gradient_problems(job, core[3]) + _scan_4d(job, img)
+    job.info["digest"] = _file_digest(job.path)
+    return _header_facts(job, img, rules) + _gradient_problems(job, core[3]) + \
+        _scan_4d(job, img)
 
 
 _CHECKS = {"T1": _check_t1, "rsfMRI": _check_fmri, "dMRI": _check_dmri}
@@ -725,13 +890,16 @@ def _check_images(jobs: list[_ImageJob], rules: _Rules, workers: int,
 
 def validate_records_files(records_files: list[Path], data_roots: dict[str, Path], *,
                            modality_rules: dict | None = None, workers: int = 2,
-                           progress: bool = True) -> ValidationReport:
+                           progress: bool = True, specs: dict | None = None,
+                           studies: dict | None = None) -> ValidationReport:
     """Check every record of every file and every image they name; see the module docstring.
 
     ``data_roots``: {modality: folder} that relative image paths resolve against (and that image
     paths must stay inside). ``modality_rules``: ``{"rsfMRI": {"min_frames": n}}``; the default
     is one window of the default ModalityConfig. Images are checked by ``workers`` threads.
-    Problems come in the order of the records that raise them.
+    Problems come in the order of the records that raise them. ``specs``: {modality: VolumeSpec}
+    whose cropping is measured per image (default: the default config's geometry);
+    ``studies``: the config's ``studies`` overrides (for the rsfMRI TR).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
@@ -739,7 +907,8 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
     if unknown:
         raise ConfigError(f"data_roots has unknown modalities {unknown}; "
                           f"use {', '.join(MODALITIES)}")
-    rules = _parse_rules(modality_rules)
+    rules = replace(_parse_rules(modality_rules), specs=_default_specs(specs),
+                    study_tr=_StudyTr(studies or {}))
     collector = _Collector({m: Path(p) for m, p in (data_roots or {}).items()})
     n_records, seen = 0, set()
     for path in map(Path, records_files):
@@ -756,8 +925,84 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
     found = collector.problems
     for job, problems in zip(jobs, _check_images(jobs, rules, workers, progress), strict=True):
         found += [(job.order, p) for p in problems]
+    found += _duplicate_scans(jobs)
     found.sort(key=lambda item: item[0])  # stable: record problems before file problems
-    return ValidationReport(n_records, len(collector.referenced), [p for _, p in found])
+    problems = [p for _, p in found if p.kind not in WARNING_KINDS]
+    warnings = [p for _, p in found if p.kind in WARNING_KINDS]
+    return ValidationReport(n_records, len(collector.referenced), problems, warnings,
+                            _geometry_spread(jobs))
+
+
+class _StudyTr(dict):
+    """study -> TR from the registry with the config's overrides; None when unknown."""
+
+    def __init__(self, overrides: dict):
+        super().__init__()
+        self.overrides = overrides
+
+    def get(self, study, default=None):
+        from umbrella.data.studies import get_study
+
+        if study not in self:
+            given = self.overrides.get(study) or {}
+            try:
+                self[study] = get_study(study, given).tr if study else None
+            except ConfigError:
+                tr = given.get("tr") if isinstance(given, dict) else None
+                self[study] = tr
+        return dict.get(self, study, default)
+
+
+def _default_specs(specs: dict | None) -> dict:
+    if specs is not None:
+        return dict(specs)
+    from umbrella.data.catalog import volume_spec
+
+    section = ModalityConfig()
+    return {"T1": volume_spec(section), "dMRI": volume_spec(section)}
+
+
+def _duplicate_scans(jobs: list[_ImageJob]) -> list[tuple[int, Problem]]:
+    """One scan named under two subject ids: the same file, or files with the same voxels
+    (3D) / bytes (4D). A leak when the two subjects sit in different splits."""
+    groups: dict[str, list[_ImageJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.info.get("digest") or f"path:{job.path}", []).append(job)
+    out = []
+    for group in groups.values():
+        refs = [(s, split, rid, job) for job in group for s, split, rid in job.refs]
+        if not refs:
+            continue
+        first = refs[0]
+        for subject, split, rid, job in refs[1:]:
+            if subject == first[0]:
+                continue
+            leak = f"; a leak: split {first[1]!r} vs {split!r}" if split != first[1] else ""
+            same = "the same file" if job.path == first[3].path else \
+                f"the same voxels as {first[3].path}"
+            out.append((job.order, Problem(
+                "duplicate_scan", rid, str(job.path), f"subject {subject!r} names {same}, also "
+                f"named for subject {first[0]!r} in record {first[2]!r}{leak}",
+                "keep each scan under its one subject (check the id mapping and copied "
+                "files); splits are by subject")))
+            break
+    return out
+
+
+def _geometry_spread(jobs: list[_ImageJob]) -> dict[str, dict]:
+    """{"<study> <modality>": {images, voxel_mm: (min, max), fov_mm: (min, max)}} per axis."""
+    grouped: dict[str, list[dict]] = {}
+    for job in jobs:
+        if "voxel_mm" in job.info:
+            grouped.setdefault(f"{job.study or '-'} {job.modality}", []).append(job.info)
+    out = {}
+    for name, infos in sorted(grouped.items()):
+        voxel = np.array([i["voxel_mm"] for i in infos])
+        fov = np.array([i["fov_mm"] for i in infos])
+        out[name] = {"images": len(infos),
+                     "voxel_mm": (voxel.min(0).round(3).tolist(), voxel.max(0).round(3).tolist()),
+                     "fov_mm": (fov.min(0).round(1).tolist(), fov.max(0).round(1).tolist())}
+    return out
 
 
 def validate_config(cfg: UmbrellaConfig, **kw) -> ValidationReport:
@@ -777,4 +1022,8 @@ def validate_config(cfg: UmbrellaConfig, **kw) -> ValidationReport:
     rules = {"rsfMRI": {"min_frames": fmri_window_frames(cfg.dataset.rsfMRI)}}
     for modality, given in (kw.pop("modality_rules", None) or {}).items():
         rules[modality] = {**rules.get(modality, {}), **given}
-    return validate_records_files(files, roots, modality_rules=rules, **kw)
+    from umbrella.data.catalog import volume_spec
+
+    specs = {m: volume_spec(s) for m, s in enabled.items() if m != "rsfMRI"}
+    return validate_records_files(files, roots, modality_rules=rules, specs=specs,
+                                  studies=dict(cfg.studies), **kw)
