@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p_ = sub.add_parser("prepare", help="phenotype table + images -> instruction records")
     p_.add_argument("--config", help="YAML with the same keys as these flags (flags win)")
-    p_.add_argument("--phenotype", help="CSV or TSV, one row per subject (or subject x session)")
+    p_.add_argument("--phenotype", action="append", default=[],
+                    help="CSV or TSV, one row per subject (or subject x session); repeat to "
+                         "join several tables on subject (and session)")
     p_.add_argument("--out", help="folder for the records, splits and summary")
     p_.add_argument("--tasks", help="comma list: sex, age, bmi, diagnosis, compare_sex, "
                     "compare_age, session_order, session_gap, or a column")
@@ -230,7 +232,7 @@ def _cmd_prepare(args) -> int:
     from umbrella.tasks.prepare import prepare
 
     flags = {
-        "phenotype": args.phenotype, "out": args.out, "tasks": args.tasks, "study": args.study,
+        "phenotype": args.phenotype or None, "out": args.out, "tasks": args.tasks, "study": args.study,
         "image": dict(_pair(i, "--image", "T1=derivatives/{subject}/T1w.nii.gz")
                       for i in args.image),
         "image_root": args.image_root, "bids": args.bids, "subject_column": args.subject_column,

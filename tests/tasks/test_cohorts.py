@@ -210,3 +210,23 @@ def test_prepare_config_yaml_and_set_overrides(tmp_path, capsys):
     assert main(["prepare", "--config", str(tmp_path / "prep.yaml"), "--out",
                  str(tmp_path / "out3"), "--set", "studies.LAB.age_units=years"]) == 1
     assert "studies.LAB.age_units" in capsys.readouterr().err
+
+
+def test_abcd5_two_tables_joined_on_subject_and_event(tmp_path, capsys):
+    lt = _abcd_table(tmp_path, "src_subject_id")  # eventname, interview_age, (sex: dropped)
+    pd.read_csv(lt).drop(columns=["sex"]).to_csv(lt, index=False)
+    pd.DataFrame({"src_subject_id": ABCD_IDS, "eventname": ["baseline_year_1_arm_1"] * 6,
+                  "demo_sex_v2": [1, 2, 2, 1, 999, 2], "interview_age": [0] * 6}) \
+        .to_csv(tmp_path / "abcd_p_demo.csv", index=False)  # interview_age: the first table's
+    code = main(["prepare", "--study", "ABCD", "--phenotype", str(lt), "--phenotype",
+                 str(tmp_path / "abcd_p_demo.csv"), "--bids", str(_abcd_bids(tmp_path)),
+                 "--sex-column", "demo_sex_v2", "--tasks", "sex,age", "--out",
+                 str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(x) for f in ("sex_T1", "age_T1")
+            for x in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
+    sex = {(r["subject_id"], r["session"]): r["conversations"][1]["value"] for r in rows
+           if r["task"] == "sex"}
+    assert len(sex) == 10 and sex[("NDAR_INV0A4P0LWM", "2YearFollowUpYArm1")] == "male"
+    ages = sorted(r["metadata"]["value"] for r in rows if r["task"] == "age")
+    assert len(ages) == 12 and ages[0] == pytest.approx(110 / 12)  # not the second table's 0

@@ -27,7 +27,7 @@ from umbrella.errors import ConfigError
 
 # key -> (flag, what it holds); the YAML file takes the same keys
 KEYS = {
-    "phenotype": ("--phenotype", "the CSV / TSV table"),
+    "phenotype": ("--phenotype", "the CSV / TSV table, or a list of tables to join"),
     "out": ("--out", "the output folder"),
     "tasks": ("--tasks", "a list or comma list of tasks"),
     "study": ("--study", "ABCD, UKB, HCP, HBN, ABIDE or your own name"),
@@ -121,7 +121,7 @@ def _listed(value) -> list[str]:
     return [str(t) for t in value]
 
 
-def prepare_arguments(options: dict) -> tuple[Path, Path, dict]:
+def prepare_arguments(options: dict) -> tuple[Path | list[Path], Path, dict]:
     """(phenotype, out, keyword arguments of prepare) from merged options."""
     missing = [KEYS[k][0] for k in ("phenotype", "out", "tasks", "study") if not options.get(k)]
     if missing:
@@ -156,7 +156,11 @@ def prepare_arguments(options: dict) -> tuple[Path, Path, dict]:
         "ratios": ratios, "seed": int(options.get("seed", 12345)),
         "study_overrides": next(iter(studies.values()), None),
     }
-    return Path(options["phenotype"]), Path(options["out"]), kwargs
+    tables = options["phenotype"]
+    tables = [Path(t) for t in tables] if isinstance(tables, list) else Path(tables)
+    if isinstance(tables, list) and len(tables) == 1:
+        tables = tables[0]
+    return tables, Path(options["out"]), kwargs
 
 
 __all__ = ["KEYS", "merge_options", "parse_set", "parse_sex_coding", "prepare_arguments",

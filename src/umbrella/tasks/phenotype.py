@@ -57,30 +57,90 @@ def _read_csv(path: Path, **kw) -> pd.DataFrame:
     raise _err(f"{path}: not UTF-8 or Windows-1252 text ({last}); save the table as UTF-8 CSV")
 
 
-def table_columns(path: Path) -> list[str]:
+def table_columns(path) -> list[str]:
+    if isinstance(path, list | tuple):
+        return list(dict.fromkeys(c for p in path for c in table_columns(p)))
     path = Path(path)
     if not path.is_file():
         raise _err(f"phenotype table {path} does not exist (--phenotype)")
     return [str(c) for c in _read_csv(path, nrows=0).columns]
 
 
-def read_table(path: Path, subject_column: str | None, session_column: str | None,
-               skipped: Counter) -> Table:
-    """Read the table with ids as text; pick the subject and session columns (explicit, else the
-    first known name present); drop rows without an id and exact duplicate rows (counted)."""
-    path = Path(path)
+def _read_one(path: Path, subject_column: str | None, session_column: str | None,
+              strict: bool = True) -> tuple[pd.DataFrame, str]:
+    """One table with its subject (and session) column read as text; the subject column found.
+    ``strict``: a named subject column must be in this table (else any known name will do)."""
     columns = table_columns(path)
-    subject = subject_column or next((c for c in SUBJECT_COLUMNS if c in columns), None)
-    if subject is None or subject not in columns:
-        wanted = f"no subject column {subject!r}" if subject else \
+    subject = subject_column if subject_column in columns or (subject_column and strict) else \
+        next((c for c in SUBJECT_COLUMNS if c in columns), None)
+    if subject is not None and subject not in columns:
+        subject = None
+    if subject is None:
+        wanted = f"no subject column {subject_column!r}" if subject_column else \
             f"no subject column (looked for {', '.join(SUBJECT_COLUMNS)})"
         raise _err(f"{path}: {wanted} among the columns {columns[:30]}; pass --subject-column "
                    "COLUMN (subject_column= in Python)")
-    if session_column is not None and session_column not in columns:
-        raise _err(f"{path}: no session column {session_column!r} among the columns "
-                   f"{columns[:30]}; fix --session-column")
-    text = {c: str for c in (subject, session_column) if c}
-    frame = _read_csv(path, dtype=text, na_values=["n/a", "N/A"], keep_default_na=True)
+    text = {c: str for c in (subject, session_column) if c and c in columns}
+    return _read_csv(path, dtype=text, na_values=["n/a", "N/A"], keep_default_na=True), subject
+
+
+def _merge(paths: list[Path], subject_column: str | None,
+           session_column: str | None) -> tuple[pd.DataFrame, str]:
+    """Several tables as one: rows joined on the subject key (and the session key where both
+    tables have the session column); a column in several tables is taken from the first."""
+    merged, name = None, None
+    for path in paths:
+        frame, subject = _read_one(path, subject_column, session_column, strict=False)
+        frame = frame[frame[subject].notna()].copy()
+        frame["__key"] = frame[subject].map(subject_key)
+        has_session = bool(session_column) and session_column in frame.columns
+        if has_session:
+            frame["__ses"] = frame[session_column].map(
+                lambda v: session_key(v) if not is_missing(v) else "")
+        if merged is None:
+            merged, name = frame.rename(columns={subject: "__id"}), subject
+            continue
+        both = has_session and "__ses" in merged.columns
+        on = ["__key", "__ses"] if both else ["__key"]
+        if frame.duplicated(on).any():
+            raise _err(f"{path}: several rows per subject"
+                       + (" and session" if both else f" and no session column {session_column!r}")
+                       + "; pass --session-column naming the visit in every table, or one row "
+                         "per subject")
+        keep = [c for c in frame.columns if c in on or c == subject or c == session_column
+                or c not in merged.columns]
+        frame = frame[keep].rename(columns={subject: "__id2", session_column: "__ses_text"}
+                                   if has_session else {subject: "__id2"})
+        merged = merged.merge(frame, on=on, how="outer")
+        merged["__id"] = merged["__id"].fillna(merged.pop("__id2"))
+        if "__ses_text" in merged.columns:
+            if session_column in merged.columns:
+                merged[session_column] = merged[session_column].fillna(merged.pop("__ses_text"))
+            else:
+                merged = merged.rename(columns={"__ses_text": session_column})
+    merged = merged.drop(columns=[c for c in ("__key", "__ses") if c in merged.columns])
+    return merged.rename(columns={"__id": name}), name
+
+
+def read_table(path, subject_column: str | None, session_column: str | None,
+               skipped: Counter) -> Table:
+    """Read the table (or several, joined: :func:`_merge`) with ids as text; pick the subject and
+    session columns (explicit, else the first known name present); drop rows without an id and
+    exact duplicate rows (counted)."""
+    paths = [Path(p) for p in (path if isinstance(path, list | tuple) else [path])]
+    names = {c for p in paths for c in table_columns(p)}
+    if session_column is not None and session_column not in names:
+        raise _err(f"{paths[0]}: no session column {session_column!r} among the columns "
+                   f"{sorted(names)[:30]}; fix --session-column")
+    if subject_column is not None and subject_column not in names:
+        raise _err(f"{paths[0]}: no subject column {subject_column!r} among the columns "
+                   f"{sorted(names)[:30]}; pass --subject-column COLUMN (subject_column= in "
+                   "Python)")
+    if len(paths) == 1:
+        frame, subject = _read_one(paths[0], subject_column, session_column)
+    else:
+        frame, subject = _merge(paths, subject_column, session_column)
+    path = paths[0]
     missing = frame[subject].isna() | (frame[subject].astype(str).str.strip() == "")
     if missing.any():
         skipped["subject id missing"] += int(missing.sum())

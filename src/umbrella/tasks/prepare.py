@@ -396,7 +396,7 @@ def _check_arguments(tasks, ratios, questions_per_record, pairs_per_subject) -> 
         raise ConfigError(problems, source="prepare")
 
 
-def prepare(phenotype: Path, out_dir: Path, *, tasks: list[str],
+def prepare(phenotype: Path | list[Path], out_dir: Path, *, tasks: list[str],
             images: dict[str, str] | None = None, bids_root: Path | None = None, study: str,
             subject_column: str | None = None, session_column: str | None = None,
             ratios=(0.7, 0.15, 0.15), seed: int = 12345,
@@ -411,10 +411,14 @@ def prepare(phenotype: Path, out_dir: Path, *, tasks: list[str],
             splits_file: Path | None = None) -> PrepareSummary:
     """Write records for ``tasks`` (sex, age, bmi, diagnosis, compare_sex, compare_age,
     session_order, session_gap or any phenotype column) and return what was written and
-    skipped. See the module docstring."""
+    skipped. ``phenotype`` may list several tables (e.g. ABCD 5.x's ``abcd_y_lt`` and
+    ``abcd_p_demo``): rows join on the subject and, where both have it, the session column; a
+    column found in several tables comes from the first. See the module docstring."""
     _check_arguments(tasks, ratios, questions_per_record, pairs_per_subject)
     columns, labels, ranges = dict(columns or {}), dict(labels or {}), dict(ranges or {})
-    phenotype, out_dir = Path(phenotype), Path(out_dir)
+    tables = [Path(p) for p in phenotype] if isinstance(phenotype, list | tuple) else \
+        [Path(phenotype)]
+    phenotype, out_dir = (tables if len(tables) > 1 else tables[0]), Path(out_dir)
     info = resolve_study(study, study_overrides, subject_column=subject_column,
                          age_unit=age_unit, sex_coding=sex_coding, sex_column=sex_column,
                          age_column=age_column)
@@ -423,7 +427,7 @@ def prepare(phenotype: Path, out_dir: Path, *, tasks: list[str],
     table = read_table(phenotype, subject_column or
                        (info.subject_column if info.subject_column in names else None),
                        session_column_for(names, session_column, info), skipped)
-    root = Path(image_root or phenotype.parent).resolve()
+    root = Path(image_root or tables[0].parent).resolve()
     found, roots = collect_images(images, bids_root, root)
     targets = {t: task_targets(t, table, info, columns=columns, labels=labels,
                                categorical=categorical, ranges=ranges) for t in tasks}
