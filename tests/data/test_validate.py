@@ -497,9 +497,9 @@ def test_4d_value_faults(tmp_path):
 
 
 def test_4d_series_is_read_in_chunks(tmp_path, monkeypatch):
-    import umbrella.data.validate as validate
+    import umbrella.data.image_checks as image_checks
 
-    monkeypatch.setattr(validate, "_CHUNK_VOXELS", 8 * 8 * 8 * 2)  # two frames per read
+    monkeypatch.setattr(image_checks, "_CHUNK_VOXELS", 8 * 8 * 8 * 2)  # two frames per read
     c = Cohort(tmp_path)
     data = _vol(SHAPE + (7,))
     data[0, 0, 0, 6] = np.nan  # in the last (partial) chunk
