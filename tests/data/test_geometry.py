@@ -104,3 +104,26 @@ def test_a_head_with_neck_keeps_the_top_of_the_head():
     spec = VolumeSpec(image_size=(96, 96, 96), normalize="none")
     top = (vol == 3.0).astype(np.float32)
     assert kept_fraction(vol, np.eye(4), spec, top) == 1.0  # the neck is dropped, not the vertex
+
+
+def test_a_4mm_rsfmri_run_fills_the_input_with_the_brain(mni, tmp_path):
+    from umbrella.data.catalog import fmri_spec
+    from umbrella.data.fmri import preprocess_fmri
+
+    t1, _ = mni
+    frame = np.asarray(_resampled(t1, zooms=(4.0, 4.0, 4.0), shape=(45, 54, 45)).dataobj,
+                       np.float32)
+    frame_affine = _resampled(t1, zooms=(4.0, 4.0, 4.0), shape=(45, 54, 45)).affine
+    run = np.stack([frame * (1 + 0.01 * i) for i in range(4)], axis=-1)
+    nib.save(nib.Nifti1Image(run, frame_affine), tmp_path / "bold.nii.gz")
+    spec = fmri_spec(ModalityConfig(sequence_length=2, normalize="none"))  # default geometry
+    out = preprocess_fmri(tmp_path / "bold.nii.gz", spec)
+    assert out.shape == (4, 96, 96, 96)
+    brain = brain_mask(out[0])
+    extent = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != ax)))
+              for ax in range(3)]
+    spans = [int(e[-1] - e[0] + 1) for e in extent]
+    # the 145 x 181 x 155 mm brain at 2.1 mm: about 69 x 86 x 74 voxels (was 36 x 45 x 39 at
+    # 4 mm, a tenth of the 96^3 input)
+    assert spans[1] >= 80 and min(spans) >= 60, spans
+    assert out[0].sum() * 2.1**3 == pytest.approx(run[..., 0].sum() * 4.0**3, rel=0.02)
