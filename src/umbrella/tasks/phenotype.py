@@ -183,7 +183,7 @@ def _index(table: Table, skipped: Counter) -> None:
 def _several_rows(table: Table) -> str:
     counts = Counter(subject_key(s) for s in table.frame[table.subject_column])
     many = [(table.ids[k], n) for k, n in counts.most_common(3) if n > 1]
-    varying = [c for c in table.frame.columns if c != table.subject_column and
+    varying = [c for c in table.frame.columns[:200] if c != table.subject_column and
                table.frame.groupby(table.frame[table.subject_column].map(subject_key))[c]
                .nunique().max() > 1][:5]
     return (f"{table.path}: {sum(n > 1 for n in counts.values())} subjects have several rows "
