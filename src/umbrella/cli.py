@@ -40,23 +40,35 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     p_ = sub.add_parser("prepare", help="phenotype table + images -> instruction records")
-    p_.add_argument("--phenotype", required=True, help="CSV or TSV, one row per subject")
-    p_.add_argument("--out", required=True, help="folder for the records, splits and summary")
-    p_.add_argument("--tasks", required=True,
-                    help="comma list: sex, age, bmi, diagnosis, compare_sex, compare_age, or a column")
-    p_.add_argument("--study", required=True, help="ABCD, UKB, HCP, HBN, ABIDE or your own name")
+    p_.add_argument("--config", help="YAML with the same keys as these flags (flags win)")
+    p_.add_argument("--phenotype", action="append", default=[],
+                    help="CSV or TSV, one row per subject (or subject x session); repeat to "
+                         "join several tables on subject (and session)")
+    p_.add_argument("--out", help="folder for the records, splits and summary")
+    p_.add_argument("--tasks", help="comma list: sex, age, bmi, diagnosis, compare_sex, "
+                    "compare_age, session_order, session_gap, or a column")
+    p_.add_argument("--study", help="ABCD, UKB, HCP, HBN, ABIDE or your own name")
     p_.add_argument("--image", action="append", default=[], metavar="MODALITY=PATTERN",
-                    help="path pattern with {subject}, e.g. T1=derivatives/{subject}/T1w.nii.gz")
+                    help="path pattern with {subject} (and optionally {session}), e.g. "
+                         "T1=derivatives/{subject}/T1w.nii.gz")
     p_.add_argument("--image-root",
                     help="folder that relative --image patterns start from (default: the "
                          "phenotype table's folder)")
-    p_.add_argument("--bids", help="a BIDS dataset: sub-*/anat/*_T1w, func/*_bold, dwi/*_dwi")
+    p_.add_argument("--bids", help="a BIDS dataset: sub-*/[ses-*/]anat/*_T1w, func/*_bold, dwi/*_dwi")
     p_.add_argument("--subject-column", help="default: the study's (e.g. src_subject_id for ABCD)")
-    p_.add_argument("--ratios", default="0.7,0.15,0.15", help="train,val,test (default 0.7,0.15,0.15)")
-    p_.add_argument("--seed", type=int, default=12345)
+    p_.add_argument("--session-column", help="column naming each row's visit (default: the "
+                    "study's, e.g. eventname for ABCD, or session_id)")
+    p_.add_argument("--sex-column", help="column holding sex (default: the study's)")
+    p_.add_argument("--sex-coding", metavar="CODE=LABEL,...",
+                    help="raw codes of sex, e.g. 1=male,2=female (default: the study's)")
+    p_.add_argument("--age-column", help="column holding age (default: the study's)")
+    p_.add_argument("--age-unit", choices=["years", "months"], help="override the study's unit")
+    p_.add_argument("--ratios", help="train,val,test (default 0.7,0.15,0.15)")
+    p_.add_argument("--seed", type=int)
     p_.add_argument("--column", action="append", default=[], metavar="TASK=COLUMN",
                     help="phenotype column of a task, e.g. diagnosis=DX_GROUP")
-    p_.add_argument("--age-unit", choices=["years", "months"], help="override the study's unit")
+    p_.add_argument("--set", action="append", default=[], metavar="studies.NAME.FIELD=VALUE",
+                    help="override a study registry field, e.g. studies.ABCD.sex_other=[3,4]")
 
     v = sub.add_parser("validate", help="check every record and referenced file before training")
     v.add_argument("-c", "--config", help="YAML config: its records files and data roots")
@@ -181,7 +193,9 @@ def _cmd_validate(args) -> int:
                                         {m: Path(p) for m, p in roots.items()},
                                         workers=args.workers, progress=not args.quiet)
     print(report.summary_table())
-    for line in report.lines():
+    if report.geometry:
+        print(report.geometry_table())
+    for line in report.lines() + report.warning_lines():
         print(line)
     if args.json:
         atomic_write_json(args.json, report.to_dict())
@@ -284,24 +298,36 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
+    from umbrella.tasks import options as opt
     from umbrella.tasks.prepare import prepare
 
-    try:
-        ratios = tuple(float(x) for x in args.ratios.split(","))
-    except ValueError as exc:
-        raise UmbrellaError(f"--ratios {args.ratios!r} must be three numbers, e.g. 0.7,0.15,0.15") from exc
-    images = dict(_pair(i, "--image", "T1=derivatives/{subject}/T1w.nii.gz") for i in args.image)
-    columns = dict(_pair(c, "--column", "diagnosis=DX_GROUP") for c in args.column)
-    summary = prepare(Path(args.phenotype), Path(args.out),
-                      tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-                      images=images or None, bids_root=Path(args.bids) if args.bids else None,
-                      study=args.study, subject_column=args.subject_column, ratios=ratios,
-                      seed=args.seed, columns=columns or None, age_unit=args.age_unit,
-                      image_root=Path(args.image_root) if args.image_root else None)
-    print(f"records written to {args.out}:")
+    flags = {
+        "phenotype": args.phenotype or None, "out": args.out, "tasks": args.tasks, "study": args.study,
+        "image": dict(_pair(i, "--image", "T1=derivatives/{subject}/T1w.nii.gz")
+                      for i in args.image),
+        "image_root": args.image_root, "bids": args.bids, "subject_column": args.subject_column,
+        "session_column": args.session_column, "sex_column": args.sex_column,
+        "sex_coding": opt.parse_sex_coding(args.sex_coding) if args.sex_coding else None,
+        "age_column": args.age_column, "age_unit": args.age_unit, "ratios": args.ratios,
+        "seed": args.seed, "column": dict(_pair(c, "--column", "diagnosis=DX_GROUP")
+                                          for c in args.column),
+        "studies": opt.parse_set(args.set)}
+    options = opt.merge_options(opt.read_options_file(args.config) if args.config else {}, flags)
+    phenotype, out, kwargs = opt.prepare_arguments(options)
+    summary = prepare(phenotype, out, **kwargs)
+    print(f"records written to {out}:")
     for name, path in summary.files.items():
         print(f"  {name}: {path}  {summary.records.get(name, {})}")
     print(f"subjects per split: {summary.subjects}")
+    for modality, match in summary.matching.items():
+        print(f"  ids {modality}: {match['matched']} of {match['table_ids']} table subjects "
+              f"matched {match['image_ids']} with images"
+              + (f"; table only e.g. {match['unmatched_table_examples']}"
+                 if match["unmatched_table_examples"] else "")
+              + (f"; images only e.g. {match['unmatched_image_examples']}"
+                 if match["unmatched_image_examples"] else "")
+              + (f"; {summary.sessions[modality]} sessions" if summary.sessions.get(modality)
+                 else ""))
     for reason, count in sorted(summary.skipped.items()):
         print(f"  skipped {count}: {reason}")
     for modality, root in summary.data_roots.items():

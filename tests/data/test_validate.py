@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +31,13 @@ SHAPE = (8, 8, 8)
 QUESTION = "What is the sex of this subject?"
 
 
-def _vol(shape=SHAPE, seed=0) -> np.ndarray:
+_SEEDS = itertools.count(1000)
+
+
+def _vol(shape=SHAPE, seed=None) -> np.ndarray:
+    """Random voxels, distinct per call unless ``seed`` is given (one scan under two subjects
+    is a fault of its own)."""
+    seed = next(_SEEDS) if seed is None else seed
     return np.random.default_rng(seed).normal(100, 10, shape).astype(np.float32)
 
 
@@ -60,7 +68,9 @@ class Cohort:
         self.files: dict[str, list[str]] = {"records.jsonl": []}
 
     def image(self, modality: str, name: str, data: np.ndarray | None = None, affine=None) -> str:
-        _save(self.roots[modality] / name, _vol() if data is None else data, affine)
+        if data is None:  # distinct voxels per file: one scan under two subjects is a fault
+            data = _vol(seed=zlib.crc32(name.encode()))
+        _save(self.roots[modality] / name, data, affine)
         return name
 
     def path(self, file: str = "records.jsonl") -> str:
@@ -142,7 +152,7 @@ def clean(c: Cohort) -> None:
     """Every supported form, all valid: T1 (LLaVA and chat), a 4D rsfMRI run, a frame folder,
     a 3D dMRI map, a 4D DWI with sibling gradients and one with gradients named on the entry,
     a two-image record naming one file twice, and a free-text task."""
-    c.add("s1-sex", [T1(c.image("T1", "s1.nii.gz"))])
+    c.add("s1-sex", [T1(c.image("T1", "s1.nii.gz"))], subject="s1")
     c.add("s2-sex", [T1(c.image("T1", "s2.nii"))], answer="male", chat=True)
     c.add("s3-sex", [FMRI(c.image("rsfMRI", "s3_bold.nii.gz", _vol(SHAPE + (MIN_FRAMES,))))],
           split="test")
@@ -152,7 +162,7 @@ def clean(c: Cohort) -> None:
     c.add("s6-sex", [DMRI(c.image("dMRI", "s6_dwi.nii.gz", _vol(SHAPE + (7,))))])
     _gradients(c.roots["dMRI"], "s6_dwi", 7)
     sub = c.roots["dMRI"] / "s7"
-    _save(sub / "data.nii.gz", _vol(SHAPE + (7,)))
+    _save(sub / "data.nii.gz", _vol(SHAPE + (7,), seed=7))
     _gradients(sub, "grad", 7)
     c.add("s7-sex", [DMRI("s7/data.nii.gz", bval="s7/grad.bval", bvec="s7/grad.bvec")])
     c.add("s1+s2-compare", [T1("s1.nii.gz"), T1("s2.nii")], subject="s1+s2",
@@ -211,7 +221,7 @@ def p_subject_in_two_splits(c, rid):
 
 
 def p_unparseable_answer(c, rid):
-    c.add(rid, [T1("s1.nii.gz")], answer="could be male or female")
+    c.add(rid, [T1("s1.nii.gz")], subject="s1", answer="could be male or female")
     return rid, c.path()
 
 
@@ -271,6 +281,29 @@ def p_dmri_bad_gradients(c, rid):
     _gradients(c.roots["dMRI"], f"{rid}_dwi", 7, n_bvals=6)
     c.add(rid, [DMRI(name)])
     return rid, c.image_path("dMRI", f"{rid}_dwi.bval")
+
+
+def p_implausible_answer(c, rid):
+    c.add(rid, [T1("s1.nii.gz")], subject="s1", task="age", answer="300 years")
+    return rid, c.path()
+
+
+def p_duplicate_scan(c, rid):
+    copy = c.image("T1", f"{rid}.nii.gz", np.asarray(nib.load(c.roots["T1"] / "s1.nii.gz")
+                                                     .dataobj))  # s1's voxels, another file
+    c.add(rid, [T1(copy)], split="test")
+    return rid, c.image_path("T1", copy)
+
+
+def p_no_orientation(c, rid):
+    name = c.image("T1", f"{rid}.nii.gz")
+
+    def no_codes(header):
+        header["sform_code"], header["qform_code"] = 0, 0
+
+    _patch_header(c.roots["T1"] / name, no_codes)
+    c.add(rid, [T1(name)])
+    return rid, c.image_path("T1", name)
 
 
 PLANTS = {name.removeprefix("p_"): fn for name, fn in dict(globals()).items()
@@ -339,7 +372,7 @@ def test_malformed_line_names_its_line_and_reading_goes_on(tmp_path):
 
 def test_non_utf8_and_deeply_nested_lines_are_malformed_json(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_bytes(b'{"id": "x\xe9", "subject_id": 1}\n' + b"[" * 100_000 + b"\n"
+    path.write_bytes(b'{"id": "x\x81", "subject_id": 1}\n' + b"[" * 100_000 + b"\n"
                      + b'{"id": ' + b"1" * 5000 + b"}\n")
     report = validate_records_files([path], {}, progress=False)
     assert [(p.kind, p.line) for p in report.problems] == [("malformed_json", n) for n in (1, 2, 3)]
@@ -464,9 +497,9 @@ def test_4d_value_faults(tmp_path):
 
 
 def test_4d_series_is_read_in_chunks(tmp_path, monkeypatch):
-    import umbrella.data.validate as validate
+    import umbrella.data.image_checks as image_checks
 
-    monkeypatch.setattr(validate, "_CHUNK_VOXELS", 8 * 8 * 8 * 2)  # two frames per read
+    monkeypatch.setattr(image_checks, "_CHUNK_VOXELS", 8 * 8 * 8 * 2)  # two frames per read
     c = Cohort(tmp_path)
     data = _vol(SHAPE + (7,))
     data[0, 0, 0, 6] = np.nan  # in the last (partial) chunk
@@ -515,12 +548,17 @@ def test_shared_file_is_checked_once(tmp_path):
     assert report.n_files == 1
 
 
-def test_only_classification_answers_are_parsed(tmp_path):
+def test_answers_are_read_by_their_task_kind(tmp_path):
     c = Cohort(tmp_path)
     c.add("a", [T1(c.image("T1", "a.nii.gz"))], task="age", answer="female-ish")  # regression
-    c.add("b", [T1("a.nii.gz")], subject="b", task="sex", answer="female, not male")
-    c.add("c", [T1("a.nii.gz")], subject="c", task="my_free_task", answer="anything")
-    assert [(p.kind, p.record_id) for p in c.validate().problems] == [("unparseable_answer", "b")]
+    c.add("b", [T1("a.nii.gz")], subject="a", task="sex", answer="female, not male")
+    c.add("c", [T1("a.nii.gz")], subject="a", task="my_free_task", answer="anything")
+    c.add("d", [T1("a.nii.gz")], subject="a", task="age", answer="149 months")  # 12.4 years
+    c.add("e", [T1("a.nii.gz")], subject="a", task="age", answer="300.0 years")
+    problems = c.validate().problems
+    assert [(p.kind, p.record_id) for p in problems] == [
+        ("unparseable_answer", "a"), ("unparseable_answer", "b"), ("implausible_answer", "e")]
+    assert "[0, 120]" in problems[2].message and "--age-unit" in problems[2].fix
 
 
 def test_answers_follow_the_task_spec_a_record_carries(tmp_path):
@@ -532,7 +570,7 @@ def test_answers_follow_the_task_spec_a_record_carries(tmp_path):
                                    ("broken", "control", {"kind": "classification"}),
                                    ("odd", "1", odd)]:
         c.raw(json.dumps({
-            "id": rid, "subject_id": rid, "task": "dx", "metadata": {"task_spec": task_spec},
+            "id": rid, "subject_id": "a", "task": "dx", "metadata": {"task_spec": task_spec},
             "images": [T1(c.image("T1", "a.nii.gz"))],
             "conversations": [{"from": "human", "value": "<image>\nDiagnosis?"},
                               {"from": "gpt", "value": answer}]}))
@@ -623,3 +661,89 @@ def test_demo_cohort_is_valid(tiny_config):
     report = validate_config(tiny_config(), progress=False)
     assert report.ok, report.lines()
     assert report.n_records == report.n_files == 24
+
+
+# ----------------------------------------------------------------------------- real-cohort faults
+
+def _head(shape, box) -> np.ndarray:
+    """A zero background with a bright block (the head) at ``box`` (slices)."""
+    data = np.zeros(shape, np.float32)
+    data[box] = _vol(shape)[box]
+    return data
+
+
+def test_head_cropped_warns_with_the_key_to_change(tmp_path):
+    from umbrella.data.volumes import VolumeSpec
+
+    c = Cohort(tmp_path)
+    c.add("big", [T1(c.image("T1", "big.nii.gz", _head((40, 40, 40), np.s_[2:38, 2:38, 2:38])))])
+    c.add("small", [T1(c.image("T1", "small.nii.gz", _head((40, 40, 40),
+                                                           np.s_[12:28, 12:28, 12:28])))])
+    native = {"T1": VolumeSpec(image_size=(24, 24, 24))}  # 24 mm of a 36 mm head at 1 mm
+    report = c.validate(specs=native)
+    assert report.ok and [(w.kind, w.record_id) for w in report.warnings] == [
+        ("head_cropped", "big")]
+    assert "keeps 29.6% of the head" in report.warnings[0].message  # (24/36)^3
+    assert "dataset.T1.field_of_view" in report.warnings[0].fix
+    physical = {"T1": VolumeSpec(image_size=(24, 24, 24), field_of_view=48.0)}  # 2 mm voxels
+    assert c.validate(specs=physical).warnings == []
+    assert "warning: record big" in "\n".join(report.warning_lines())
+
+
+def test_geometry_spread_per_study_and_anisotropy(tmp_path):
+    c = Cohort(tmp_path)
+    c.add("iso", [T1(c.image("T1", "iso.nii.gz", affine=np.diag([1.0, 1.0, 1.0, 1.0])))])
+    c.add("thick", [T1(c.image("T1", "thick.nii.gz", affine=np.diag([0.9, 0.9, 4.0, 1.0])))])
+    report = c.validate()
+    assert [(w.kind, w.record_id) for w in report.warnings] == [
+        ("extreme_anisotropy", "thick")]
+    assert report.geometry == {"ABCD T1": {"images": 2,
+                                           "voxel_mm": ([0.9, 0.9, 1.0], [1.0, 1.0, 4.0]),
+                                           "fov_mm": ([7.2, 7.2, 8.0], [8.0, 8.0, 32.0])}}
+    assert "ABCD T1: 2 images; voxel mm 0.9x0.9x1 .. 1x1x4" in report.geometry_table()
+
+
+def test_fmri_without_tr_warns_unless_the_study_knows_it(tmp_path):
+    c = Cohort(tmp_path)
+    name = c.image("rsfMRI", "run.nii.gz", _vol(SHAPE + (MIN_FRAMES,)))
+
+    def no_tr(header):
+        header["pixdim"][4] = 0.0
+
+    _patch_header(c.roots["rsfMRI"] / name, no_tr)
+    c.raw(json.dumps({"id": "r", "subject_id": "r", "study": "HBN", "task": "sex",
+                      "images": [FMRI(name)], "conversations": [
+                          {"from": "human", "value": "<image>\nSex?"},
+                          {"from": "gpt", "value": "male"}]}))
+    report = c.validate()
+    assert [(w.kind, w.record_id) for w in report.warnings] == [("fmri_no_tr", "r")]
+    assert "studies.HBN.tr" in report.warnings[0].fix
+    assert c.validate(studies={"HBN": {"tr": 0.8}}).warnings == []
+
+
+def test_duplicate_scan_across_splits_is_a_leak(tmp_path):
+    c = Cohort(tmp_path)
+    data = _vol()
+    c.add("x", [T1(c.image("T1", "x.nii.gz", data))], split="train")
+    c.add("y", [T1(c.image("T1", "copy_of_x.nii", data))], split="test")
+    report = c.validate()
+    assert [(p.kind, p.record_id) for p in report.problems] == [("duplicate_scan", "y")]
+    assert "a leak: split 'train' vs 'test'" in report.problems[0].message
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: b"\xef\xbb\xbf" + text.encode("utf-8"),  # a BOM
+    lambda text: text.replace("\n", "\r\n").encode("utf-8"),  # Windows line endings
+    lambda text: text.encode("cp1252"),  # a spreadsheet export on Windows
+], ids=["bom", "crlf", "cp1252"])
+def test_records_files_from_common_tools_are_accepted(tmp_path, encode):
+    from umbrella.data.records import load_records
+
+    c = Cohort(tmp_path)
+    c.add("s-é", [T1(c.image("T1", "s.nii.gz"))])
+    path = c.write()[0]
+    text = path.read_text(encoding="utf-8").replace("\\u00e9", "é")
+    path.write_bytes(encode(text))
+    report = validate_records_files([path], c.roots, progress=False)
+    assert report.ok, report.lines()
+    assert [r.id for r in load_records(path, c.roots)] == ["s-é"]

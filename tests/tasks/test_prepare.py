@@ -237,7 +237,7 @@ def test_no_image_found_says_where_it_looked_and_image_root_fixes_it(tmp_path):
         prepare(tmp_path / "tables" / "pheno.csv", tmp_path / "out", tasks=["sex"],
                 images={"T1": "img/{subject}_T1w.nii.gz"}, study="ABCD")
     msg = str(err.value)
-    assert "'src_subject_id' (first id 'NDAR01')" in msg
+    assert "'src_subject_id' (first id 'NDAR01'" in msg and "--subject-column" in msg
     assert str(tmp_path / "tables" / "img" / "NDAR01_T1w.nii.gz") in msg and "image_root" in msg
     assert not (tmp_path / "out").exists()  # nothing half-written
     summary = prepare(tmp_path / "tables" / "pheno.csv", tmp_path / "out", tasks=["sex"],

@@ -28,7 +28,8 @@ def data_roots(cfg: UmbrellaConfig) -> dict[str, Path]:
 def volume_spec(section: ModalityConfig) -> VolumeSpec:
     return VolumeSpec(image_size=tuple(section.image_size[:3]),
                       voxel_size=tuple(section.voxel_size) if section.voxel_size else None,
-                      spatial=section.spatial, normalize=section.normalize)
+                      spatial=section.spatial, normalize=section.normalize,
+                      field_of_view=section.field_of_view)
 
 
 def fmri_spec(section: ModalityConfig) -> FmriSpec:
@@ -37,7 +38,8 @@ def fmri_spec(section: ModalityConfig) -> FmriSpec:
                     sequence_length=section.sequence_length,
                     stride_within_seq=section.stride_within_seq,
                     stride_between_seq=section.stride_between_seq, normalize=normalize,
-                    voxel_size=tuple(section.voxel_size) if section.voxel_size else None)
+                    voxel_size=tuple(section.voxel_size) if section.voxel_size else None,
+                    field_of_view=section.field_of_view)
 
 
 def geometry(section: ModalityConfig, modality: str = "T1") -> dict:

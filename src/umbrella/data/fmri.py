@@ -87,6 +87,9 @@ class FmriSpec:
     stride_between_seq: int = 1  # step between window starts
     normalize: str = "zscore_run"  # "zscore_run" | "zscore_run_bgmin" | "none"
     voxel_size: tuple[float, float, float] | None = None
+    # without voxel_size: resample to field_of_view / image_size mm per axis (a frame folder,
+    # which has no affine, keeps its grid); None keeps the file's spacing
+    field_of_view: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _size_triple(self.image_size))
@@ -97,6 +100,17 @@ class FmriSpec:
                              f"got {self.normalize!r}")
         if self.voxel_size is not None:
             object.__setattr__(self, "voxel_size", _spacing_triple(self.voxel_size))
+        if self.field_of_view is not None:
+            object.__setattr__(self, "field_of_view",
+                               _spacing_triple((self.field_of_view,) * 3)[0])
+
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """``voxel_size``, else ``field_of_view / image_size`` per axis, else None."""
+        if self.voxel_size is not None:
+            return self.voxel_size
+        if self.field_of_view is None:
+            return None
+        return tuple(self.field_of_view / n for n in self.image_size)
 
     @property
     def window_span(self) -> int:
@@ -104,8 +118,12 @@ class FmriSpec:
         return (self.sequence_length - 1) * self.stride_within_seq + 1
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (lists instead of tuples)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-serialisable form (lists instead of tuples); an unset field_of_view is left out,
+        so specs (and cache keys) written before it existed read back the same."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["field_of_view"] is None:
+            del d["field_of_view"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FmriSpec:
@@ -377,7 +395,7 @@ def preprocess_fmri(path: str | Path, spec: FmriSpec, *,
             f"(sequence_length {spec.sequence_length}, stride_within_seq "
             f"{spec.stride_within_seq})", path=path, record_id=record_id,
             fix="lower sequence_length / stride_within_seq or drop this run")
-    if spec.voxel_size is not None:
+    if spec.voxel_size is not None or (spec.field_of_view is not None and affine is not None):
         run = _resample_for_spec(run, affine, spec, path, record_id)
     run = fit_run_to_shape(run, spec.image_size, path=path, record_id=record_id)
     run = _normalize_inplace(run, spec.normalize)  # the fitted run is a fresh array
@@ -391,7 +409,7 @@ def _resample_for_spec(run, affine, spec: FmriSpec, path, record_id) -> np.ndarr
                           fix="leave voxel_size unset for frame folders (resample when "
                               "exporting the frames) or give the 4D NIfTI instead")
     try:
-        return _resample_run(run, affine, spec.voxel_size)
+        return _resample_run(run, affine, spec.target_spacing())
     except ValueError as exc:
         raise VolumeError(str(exc), path=path, record_id=record_id,
                           fix="check voxel_size and the file's header") from exc

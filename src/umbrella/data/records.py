@@ -208,14 +208,28 @@ def _json(text: str, path: Path, line: int | None):
                           line=line, fix="repair or remove this line") from exc
 
 
+def decode_text(raw: bytes) -> str:
+    """A records file's text as common tools write it: UTF-8 (a leading BOM dropped), else
+    Windows-1252 (spreadsheet exports, Windows editors). Raises the UTF-8 UnicodeDecodeError when
+    neither reads it. Line endings need nothing: a CR before the LF is JSON white space."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        try:
+            return raw.decode("cp1252")
+        except UnicodeDecodeError:
+            raise exc from None
+
+
 def _iter_raw(path: Path):
     """Yield (line number or None, parsed object) from a .json or .jsonl file."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = decode_text(path.read_bytes())
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise RecordError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
-                          source=path, line=line, fix="save the records file as UTF-8") from exc
+        raise RecordError(f"not UTF-8 or Windows-1252 text (byte {exc.object[exc.start]:#04x} "
+                          f"at offset {exc.start})", source=path, line=line,
+                          fix="save the records file as UTF-8") from exc
     if path.suffix == ".jsonl":
         # split on newlines only: U+2028 / U+0085 are legal inside JSON strings
         for n, line in enumerate(text.split("\n"), start=1):

@@ -43,36 +43,55 @@ class StudyInfo:
     age_unit: str  # "years" | "months"
     notes: str = ""
     sex_other: tuple[str, ...] = ()  # raw values that are valid but carry no male/female label
+    session_column: str | None = None  # long tables: the column naming each row's visit
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> usual column
 
 
 # ----------------------------------------------------------------------------- the registry
 
 _ABCD = StudyInfo(
     name="ABCD", fmri_shape=(96, 96, 95), tr=0.8,
-    subject_column="src_subject_id", sex_column="sex", sex_coding={"M": "male", "F": "female"},
-    age_column="interview_age", age_unit="months", sex_other=("O", "NR"),
+    subject_column="src_subject_id", sex_column="sex",
+    sex_coding={"M": "male", "F": "female", "1": "male", "2": "female"},
+    age_column="interview_age", age_unit="months",
+    sex_other=("O", "NR", "3", "4", "777", "999"), session_column="eventname",
+    columns={"cognition": "nihtbx_totalcomp_uncorrected",
+             "fluid_cognition": "nihtbx_fluidcomp_uncorrected"},
     notes="Verified: NDA data structures for ABCD (e.g. abcd_lt01) define src_subject_id, "
           "interview_age = 'Age in months at the time of the interview/test/sampling/imaging' "
           "and sex = 'Sex of subject at birth', M = Male, F = Female, O = Other, NR = Not "
           "reported (nda.nih.gov/data-structure/abcd_lt01). TR 0.8 s is the ABCD rs-fMRI "
           "protocol (Casey et al. 2018), not re-verified here. ABCD 6.0 releases use BIDS-style "
-          "tables: override the columns for those. fmri_shape from the UMBRELLA documentation.")
+          "tables: override the columns for those. fmri_shape from the UMBRELLA documentation. "
+          "Release 5.x (abcd_p_demo) codes sex at birth as demo_sex_v2: 1 = Male, 2 = Female, "
+          "3 = Intersex-Male, 4 = Intersex-Female, 999 = Don't know, 777 = Refuse to answer "
+          "(ABCD 5.0 data dictionary; 3/4/777/999 carry no male/female label here): pass "
+          "--sex-column demo_sex_v2. Rows are visits named by eventname "
+          "(baseline_year_1_arm_1, 2_year_follow_up_y_arm_1, ...; BIDS sessions "
+          "ses-baselineYear1Arm1, ses-2YearFollowUpYArm1). Tables key subjects by "
+          "src_subject_id and subjectkey (both the NDA GUID, NDAR_INV...). cognition: NIH "
+          "Toolbox total composite, uncorrected (nihtbx_totalcomp_uncorrected, table "
+          "abcd_tbss01 / nc_y_nihtb in 5.x).")
 _UKB = StudyInfo(
     name="UKB", fmri_shape=(88, 88, 64), tr=0.735,
     subject_column="eid", sex_column="31-0.0", sex_coding={"0": "female", "1": "male"},
     age_column="21003-2.0", age_unit="years",
+    columns={"bmi": "21001-2.0", "fluid_intelligence": "20016-2.0"},
     notes="Verified: field 31 Sex, 0 = Female, 1 = Male (UKB data coding 9); participant id "
           "eid; rs-fMRI TR 735 ms on an 88x88x64 matrix, 2.4 mm, 490 volumes (UK Biobank brain "
           "imaging protocol). Age: field 21003 'Age when attended assessment centre' (years); "
           "instance 2 (21003-2.0) is the first imaging visit, use 21003-3.0 for the repeat "
           "imaging visit. Column headers follow ukbconv CSV ('31-0.0'); RAP exports name them "
           "'p31' / 'p21003_i2', R/tab exports 'f.31.0.0' / 'f.21003.2.0': override if yours "
-          "differ.")
+          "differ. A scan of instance 3 (ses-3, bulk name <eid>_20252_3_0) takes its values "
+          "from the -3.0 columns. bmi: field 21001 'Body mass index (BMI)' (kg/m2); "
+          "fluid_intelligence: field 20016 'Fluid intelligence score' (UKB showcase).")
 _HCP = StudyInfo(
     name="HCP", fmri_shape=(91, 109, 91), tr=0.72,
     subject_column="Subject", sex_column="Gender", sex_coding={"M": "male", "F": "female"},
-    age_column=None, age_unit="years",
-    notes="HCP Young Adult. Verified: the open-access table holds Gender and only an age band "
+    age_column=None, age_unit="years", columns={"fluid_intelligence": "PMAT24_A_CR"},
+    notes="HCP Young Adult. Subject ids are 6-digit numbers (100307). fluid_intelligence: "
+          "PMAT24_A_CR, Penn Progressive Matrices correct responses (open access). Verified: the open-access table holds Gender and only an age band "
           "within 5 years (column Age, e.g. '22-25', '26-30', '31-35', '36+'); age by year "
           "(Age_in_Yrs) is Tier 1 restricted (humanconnectome.org 'Quick Reference: Open Access "
           "vs Restricted Data'); rs-fMRI TR 0.72 s, 2 mm (HCP 1200 release). age_column is unset "
@@ -90,9 +109,9 @@ _HBN = StudyInfo(
 _ABIDE = StudyInfo(
     name="ABIDE", fmri_shape=(97, 115, 97), tr=None,
     subject_column="SUB_ID", sex_column="SEX", sex_coding={"1": "male", "2": "female"},
-    age_column="AGE_AT_SCAN", age_unit="years",
+    age_column="AGE_AT_SCAN", age_unit="years", columns={"diagnosis": "DX_GROUP", "iq": "FIQ"},
     notes="Verified: ABIDE I phenotypic data legend V1.02: SUB_ID; DX_GROUP 1 = Autism, "
-          "2 = Control; AGE_AT_SCAN in years; SEX 1 = Male, 2 = Female. The TR differs between "
+          "2 = Control; AGE_AT_SCAN in years; SEX 1 = Male, 2 = Female; FIQ full-scale IQ. The TR differs between "
           "the contributing sites, so it is unset (studies.ABIDE.tr). fmri_shape from the "
           "UMBRELLA documentation (preprocessed data on a 97x115x97 grid).")
 _DEMO = StudyInfo(
@@ -134,7 +153,11 @@ def _check_field(field: str, value: Any) -> tuple[Any, str | None]:
             math.isfinite(value) and value > 0
         problem = f"must be a positive number of seconds or null, got {value!r}"
         return (float(value), None) if ok else (None, problem)
-    if field in ("subject_column", "sex_column", "age_column"):
+    if field == "columns":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and v
+                                             for k, v in value.items())
+        return (dict(value), None) if ok else (None, f"must map task -> column, got {value!r}")
+    if field in ("subject_column", "sex_column", "age_column", "session_column"):
         if value is None and field != "subject_column":
             return None, None
         ok = isinstance(value, str) and value.strip() != ""

@@ -21,54 +21,42 @@ What is checked (``Problem.kind`` in brackets):
   for its modality (T1: 3D; rsfMRI: 4D or a ``frame_<i>.pt`` folder; dMRI: a 3D map or a 4D DWI)
   [wrong_dims], [zero_size], NaN / Inf voxels [nan_inf], a constant image [constant], an rsfMRI
   run shorter than one window [fmri_too_short], a DWI without bval / bvec [dmri_no_gradients] or
-  with a gradient table that does not match its volumes [dmri_bad_gradients].
+  with a gradient table that does not match its volumes [dmri_bad_gradients], a NIfTI whose
+  sform and qform codes are both 0 [no_orientation] (:mod:`umbrella.data.image_checks`);
+* across files: one scan (the same file, or the same voxels / bytes) named under two subject ids,
+  a leak when they sit in different splits [duplicate_scan]; a regression answer outside the
+  task's plausible range, e.g. an age of 300 years [implausible_answer].
+
+Warnings (``report.warnings``; they do not fail validation): the configured geometry keeps less
+than 99% of an image's head [head_cropped], voxels longer than 3:1 [extreme_anisotropy], an rsfMRI
+run without TR whose study's TR is unknown [fmri_no_tr]. ``report.geometry`` holds the spread of
+voxel sizes and fields of view per study and modality. Records files may be UTF-8 (with BOM) or
+Windows-1252, with LF or CRLF line endings.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import re
-import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-from nibabel.spatialimages import SpatialImage
-from tqdm.auto import tqdm
-
 from umbrella.config import MODALITIES, ModalityConfig, UmbrellaConfig
-from umbrella.data.records import Record, parse_record
-from umbrella.data.volumes import MAX_VOXELS, read_nifti
-from umbrella.errors import ConfigError, RecordError, VolumeError
+from umbrella.data.image_checks import (
+    ImageJob,
+    Rules,
+    StudyTr,
+    check_images,
+    default_specs,
+    duplicate_scans,
+    geometry_spread,
+)
+from umbrella.data.problems import KINDS, WARNING_KINDS, Problem, split_fix
+from umbrella.data.records import Record, decode_text, parse_record
+from umbrella.errors import ConfigError, RecordError
 from umbrella.tasks.registry import task_for_record
-
-KINDS = {  # kind -> what it means; the order of the summary table
-    "malformed_json": "a line (or a .json file) is not valid JSON",
-    "malformed_record": "a record's structure is wrong (turns, roles, images)",
-    "missing_key": "a record lacks a required key",
-    "unknown_modality": "an image names a modality other than T1, rsfMRI, dMRI",
-    "image_count": "<image> placeholders and images differ in number",
-    "no_records": "a records file holds no record",
-    "duplicate_id": "a record id is used more than once",
-    "subject_in_two_splits": "one subject appears in two splits",
-    "unparseable_answer": "the answer names none or several of the task's options",
-    "path_escapes_root": "an image path resolves outside its data root",
-    "missing_file": "a file or folder does not exist",
-    "corrupt_file": "a file cannot be read (corrupt, truncated, broken header)",
-    "wrong_dims": "an image has the wrong number of dimensions for its modality",
-    "zero_size": "an image has a zero-size dimension",
-    "nan_inf": "an image holds NaN or Inf voxels",
-    "constant": "an image is constant (blank)",
-    "fmri_too_short": "an rsfMRI run has fewer frames than one window",
-    "dmri_no_gradients": "a 4D diffusion series has no bval / bvec",
-    "dmri_bad_gradients": "bval / bvec cannot be read or do not match the series",
-}
 
 _RECORD_KINDS = ((r"missing key ", "missing_key"), (r"unknown modality ", "unknown_modality"),
                  (r"\d+ <image> placeholders but \d+ images", "image_count"))  # parse_record's
@@ -77,54 +65,18 @@ _RECORD_FIX = {
     "malformed_record": "write the record in the LLaVA ('conversations') or chat ('messages') "
                         "form; user and assistant alternate and the assistant answers last",
 }
-_VOLUME_KINDS = ((r"file not found", "missing_file"), (r"not a regular file", "missing_file"),
-                 (r"image has a zero-size dimension", "zero_size"),
-                 (r"expected a 3D volume", "wrong_dims"),
-                 (r"\d+ of \d+ voxels are NaN or Inf", "nan_inf"),
-                 (r"volume is constant", "constant"))  # read_nifti's messages, by how they start
 _JSON_ERRORS = (ValueError, RecursionError)  # JSONDecodeError, UnicodeDecodeError, int digits
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
-_COMPRESSED = (".gz", ".bz2", ".zst")
-_CHUNK_VOXELS = 2**25  # 4D series are read this many voxels at a time (128 MiB of float32)
-_FRAME_PATTERN = re.compile(r"^frame_(\d+)\.pt$")
-_CORRUPT_FIX = ("re-download or re-convert the file (e.g. with dcm2niix); "
-                "`gzip -t FILE` checks a .nii.gz")
-_NAN_FIX = ("re-run the step that produced the image, or replace non-finite voxels "
-            "(e.g. numpy.nan_to_num)")
-_BLANK_FIX = "the image is blank; check its conversion or drop the record"
-_DIMS = {"T1": ("a 3D volume", "select one 3D volume (nibabel `img.slicer[..., 0]`, `fslroi`), or "
-                "list a 4D series under rsfMRI / dMRI"),
-         "rsfMRI": ("a 4D series (x, y, z, time) or a frame_<i>.pt folder",
-                    "point the record at the whole 4D BOLD run, not one volume or a derived map"),
-         "dMRI": ("a 3D scalar map (FA, MD, ...) or a 4D DWI series",
-                  "point the record at the DWI series (with bval / bvec) or at a 3D map")}
 
 
 # ----------------------------------------------------------------------------- report types
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # one of KINDS
-    record_id: str | None  # None where no record can be named (a whole file, an id-less line)
-    file: str | None  # the file to fix: the records file for record problems, else the image
-    message: str  # what is wrong
-    fix: str  # how to fix it
-    line: int | None = None  # line of a JSONL records file
-
-    def describe(self) -> str:
-        """One line: ``record X | file Y [line N] | message | fix: ...``."""
-        rid = "-" if self.record_id is None else self.record_id
-        where = self.file or "-"
-        if self.line is not None:
-            where += f" line {self.line}"
-        return f"record {rid} | file {where} | {self.message} | fix: {self.fix}"
-
 
 @dataclass
 class ValidationReport:
     n_records: int  # record entries read, including those that failed to parse
     n_files: int  # distinct image files referenced by the records that parsed
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # kinds of WARNING_KINDS
+    geometry: dict[str, dict] = field(default_factory=dict)  # "study modality" -> spread
 
     @property
     def ok(self) -> bool:
@@ -141,6 +93,9 @@ class ValidationReport:
         head = (f"validated {self.n_records} records and {self.n_files} image files: "
                 f"{len(self.problems) or 'no'} problem{'' if len(self.problems) == 1 else 's'}")
         counts = self.counts()
+        if self.warnings:
+            found = Counter(p.kind for p in self.warnings)
+            head += "; warnings: " + ", ".join(f"{k} x{n}" for k, n in found.items())
         if not counts:
             return head
         width = max(len("kind"), *map(len, counts))
@@ -152,18 +107,28 @@ class ValidationReport:
     def lines(self) -> list[str]:
         return [p.describe() for p in self.problems]
 
+    def warning_lines(self) -> list[str]:
+        return [f"warning: {p.describe()}" for p in self.warnings]
+
+    def geometry_table(self) -> str:
+        """Per study and modality: images, voxel sizes and fields of view (min .. max per axis)."""
+        rows = []
+        for name, g in self.geometry.items():
+            def span(key, g=g):
+                lo, hi = g[key]
+                return "x".join(f"{a:g}" for a in lo) + " .. " + "x".join(f"{b:g}" for b in hi)
+            rows.append(f"{name}: {g['images']} images; voxel mm {span('voxel_mm')}; "
+                        f"field of view mm {span('fov_mm')}")
+        return "\n".join(rows)
+
     def to_dict(self) -> dict:
         return {"ok": self.ok, "n_records": self.n_records, "n_files": self.n_files,
                 "n_problems": len(self.problems), "counts": self.counts(),
-                "problems": [asdict(p) for p in self.problems]}
+                "problems": [asdict(p) for p in self.problems],
+                "warnings": [asdict(p) for p in self.warnings], "geometry": self.geometry}
 
 
 # ----------------------------------------------------------------------------- rules
-
-@dataclass(frozen=True)
-class _Rules:
-    min_fmri_frames: int
-
 
 def fmri_window_frames(section: ModalityConfig) -> int:
     """Frames one rsfMRI window spans: ``(sequence_length - 1) * stride_within_seq + 1``."""
@@ -175,7 +140,7 @@ def fmri_window_frames(section: ModalityConfig) -> int:
     return (section.sequence_length - 1) * section.stride_within_seq + 1
 
 
-def _parse_rules(modality_rules: dict | None) -> _Rules:
+def _parse_rules(modality_rules: dict | None) -> Rules:
     """``{"rsfMRI": {"min_frames": n}}`` (the only rule so far); defaults from ModalityConfig."""
     rules = modality_rules or {}
     problems = [f"modality_rules: no rules exist for {m!r}; known: rsfMRI.min_frames"
@@ -191,7 +156,7 @@ def _parse_rules(modality_rules: dict | None) -> _Rules:
         problems.append(f"modality_rules.rsfMRI.min_frames must be an integer >= 1, got {frames!r}")
     if problems:
         raise ConfigError(problems, source="modality_rules")
-    return _Rules(min_fmri_frames=frames)
+    return Rules(min_fmri_frames=frames)
 
 
 # ----------------------------------------------------------------------------- records files
@@ -225,7 +190,7 @@ def _json_reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"
     if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 (byte {exc.object[exc.start]:#04x} at byte {exc.start + 1})"
+        return f"not UTF-8 or Windows-1252 (byte {exc.object[exc.start]:#04x} at byte {exc.start + 1})"
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc)
@@ -281,6 +246,10 @@ def _read_entries(path: Path) -> tuple[list[_Entry], list[Problem]]:
     except OSError as exc:
         return [], [Problem("corrupt_file", None, str(path), f"cannot read records file ({exc})",
                             "check the file's permissions")]
+    try:  # UTF-8 with or without BOM, or Windows-1252: re-encoded, the checks read UTF-8
+        raw = decode_text(raw).encode("utf-8")
+    except UnicodeDecodeError:
+        pass  # reported line by line below
     entries, problems = (_jsonl_entries(path, raw), []) if path.suffix == ".jsonl" \
         else _json_entries(path, raw)
     if not entries and not problems:
@@ -290,20 +259,12 @@ def _read_entries(path: Path) -> tuple[list[_Entry], list[Problem]]:
     return entries, problems
 
 
-def _split_fix(text: str) -> tuple[str, str]:
-    """'message (fix: how)' -> ('message', 'how'); no fix -> (text, '')."""
-    if text.endswith(")") and " (fix: " in text:
-        head, _, tail = text.rpartition(" (fix: ")
-        return head, tail[:-1]
-    return text, ""
-
-
 def _record_error_problem(exc: RecordError, entry: _Entry) -> Problem:
     where = [f"record {exc.record_id!r}"] if exc.record_id is not None else []
     if exc.source is not None:
         where.append(f"in {exc.source}" + (f" line {exc.line}" if exc.line is not None else ""))
     text = str(exc).removeprefix(" ".join(where) + ": " if where else "")
-    message, fix = _split_fix(text)
+    message, fix = split_fix(text)
     kind = next((k for pattern, k in _RECORD_KINDS if re.match(pattern, message)),
                 "malformed_record")
     return Problem(kind, exc.record_id, str(entry.source), entry.located(message),
@@ -339,16 +300,6 @@ def _escape_problem(rec: Record, image, roots: dict[str, Path]) -> Problem | Non
 
 # ----------------------------------------------------------------------------- across records
 
-@dataclass
-class _ImageJob:
-    order: int  # position of the first record naming the file
-    modality: str
-    path: Path
-    record_id: str
-    bval: Path | None = None
-    bvec: Path | None = None
-    n_refs: int = 1
-
 
 class _Collector:
     """Walks record entries in order: parses, checks across records and gathers image jobs."""
@@ -359,7 +310,7 @@ class _Collector:
         self.order = 0
         self.ids: dict[str, str] = {}  # id -> where first seen (file and line / item)
         self.subjects: dict[str, tuple[str, str]] = {}  # subject -> (split, record id)
-        self.jobs: dict[tuple[str, Path], _ImageJob] = {}
+        self.jobs: dict[tuple[str, Path], ImageJob] = {}
         self.referenced: set[tuple[str, Path]] = set()
 
     def report(self, problem: Problem) -> None:
@@ -383,13 +334,17 @@ class _Collector:
             return
         for problem in self._across(rec, entry):
             self.report(problem)
-        for image, raw in zip(rec.images, _raw_images(entry.obj), strict=True):
+        subjects = _image_subjects(rec)
+        for i, (image, raw) in enumerate(zip(rec.images, _raw_images(entry.obj), strict=True)):
             self.referenced.add((image.modality, image.path))
             escape = _escape_problem(rec, image, self.roots)
             if escape is not None:
                 self.report(escape)
             else:
                 self._add_job(rec, image, raw)
+                if subjects[i] is not None:
+                    self.jobs[(image.modality, image.path)].refs.append(
+                        (subjects[i], rec.split, rec.id))
 
     def _across(self, rec: Record, entry: _Entry) -> list[Problem]:
         def problem(kind: str, message: str, fix: str) -> Problem:
@@ -408,6 +363,7 @@ class _Collector:
                                f"subject {rec.subject_id!r} is in split {rec.split!r} here and in "
                                f"{split!r} in record {first_id!r}",
                                "assign each subject to exactly one split (splits are by subject)"))
+        task = None
         try:  # the spec the record was written with (metadata.task_spec), else the built-in
             task = task_for_record(rec.task, rec.metadata if isinstance(rec.metadata, dict) else {})
             unparseable = (task is not None and task.kind == "classification"
@@ -417,6 +373,8 @@ class _Collector:
                                f"({type(exc).__name__}: {exc})", "rewrite the record with "
                                "`umbrella prepare`, or remove metadata.task_spec"))
             unparseable = False
+        if task is not None and task.kind == "regression" and task.parse(rec.answer) is None:
+            out.append(_number_problem(problem, rec, task))
         if unparseable:
             out.append(problem("unparseable_answer",
                                f"answer {rec.answer!r} names none or several of the {rec.task} "
@@ -438,301 +396,48 @@ class _Collector:
             path = Path(str(raw[name]))
             return root / path if root is not None and not path.is_absolute() else path
 
-        self.jobs[key] = _ImageJob(self.order, image.modality, image.path, rec.id,
-                                   side("bval"), side("bvec"))
+        self.jobs[key] = ImageJob(self.order, image.modality, image.path, rec.id,
+                                   side("bval"), side("bvec"), study=rec.study)
 
 
-# ----------------------------------------------------------------------------- image files
-
-def _problem(job: _ImageJob, kind: str, message: str, fix: str,
-             file: Path | None = None) -> Problem:
-    return Problem(kind, job.record_id, str(file or job.path), message, fix)
-
-
-def _header_problem(job: _ImageJob, img: SpatialImage) -> Problem | None:
-    """Header facts that would make reading fail badly: checked before any voxel is read."""
-    shape, dtype = tuple(int(n) for n in img.shape), img.get_data_dtype()
-    if any(n < 0 for n in shape):
-        return _problem(job, "corrupt_file", f"header has a negative dimension, shape {shape}",
-                        _CORRUPT_FIX)
-    if 0 in shape:
-        return _problem(job, "zero_size", f"image has a zero-size dimension, shape {shape}",
-                        "the file holds no voxels; re-convert it or drop the record")
-    if dtype.kind not in "biuf":
-        return _problem(job, "corrupt_file", f"voxel type {dtype} is not one real number per voxel "
-                        "(RGB or complex)", "convert it to a scalar integer or float image")
-    if math.prod(shape[:3]) > MAX_VOXELS:
-        return _problem(job, "corrupt_file", f"header declares {shape[:3]} voxels per volume, more "
-                        f"than {MAX_VOXELS}: the header is surely corrupt", _CORRUPT_FIX)
-    holder = img.file_map.get("image")
-    offset = getattr(img.dataobj, "offset", None)
-    if holder is not None and holder.filename and offset is not None \
-            and not str(holder.filename).endswith(_COMPRESSED):
-        need = int(offset) + math.prod(shape) * dtype.itemsize
-        have = Path(holder.filename).stat().st_size
-        if need > have:
-            return _problem(job, "corrupt_file", f"truncated: the header declares {need} bytes "
-                            f"(voxels from offset {int(offset)}) but the file has {have}",
-                            _CORRUPT_FIX)
-    if img.affine is not None and np.isnan(nib.orientations.io_orientation(img.affine)).any():
-        return _problem(job, "corrupt_file", "the voxel-to-world affine is degenerate (two axes "
-                        "collapse), so the image cannot be reoriented to RAS+",
-                        "repair the header's qform / sform (e.g. `fslorient`) or re-convert")
-    return None
+def _image_subjects(rec: Record) -> list[str | None]:
+    """The subject of each image: the record's for one image, ``metadata.subjects`` for a
+    record comparing subjects; None (not known) for other records of several images."""
+    meta = rec.metadata if isinstance(rec.metadata, dict) else {}
+    named = meta.get("subjects")
+    if isinstance(named, list) and len(named) == len(rec.images):
+        return [str(s) for s in named]
+    return [rec.subject_id] if len(rec.images) == 1 else [None] * len(rec.images)
 
 
-def _open_image(job: _ImageJob) -> tuple[SpatialImage | None, Problem | None]:
-    if not job.path.is_file():
-        what = "file not found" if not job.path.exists() else "not a regular file"
-        return None, _problem(job, "missing_file", f"{job.modality} image: {what}",
-                              f"check the image path in the record and "
-                              f"dataset.{job.modality}.data_root")
-    try:
-        img = nib.load(job.path, keep_file_open=True)  # one handle: 4D chunks read in one pass
-    except Exception as exc:  # nibabel raises many types for garbage; all mean "not readable"
-        return None, _problem(job, "corrupt_file", f"cannot read as NIfTI "
-                              f"({type(exc).__name__}: {exc})", _CORRUPT_FIX)
-    if not isinstance(img, SpatialImage):
-        return None, _problem(job, "corrupt_file", f"{type(img).__name__} is not a volumetric "
-                              "image", "point the record at a NIfTI image")
-    try:
-        return img, _header_problem(job, img)
-    except (np.linalg.LinAlgError, ValueError) as exc:
-        return None, _problem(job, "corrupt_file", f"unusable header ({type(exc).__name__}: "
-                              f"{exc})", _CORRUPT_FIX)
-
-
-def _dims_problem(job: _ImageJob, shape: tuple) -> Problem:
-    want, fix = _DIMS[job.modality]
-    return _problem(job, "wrong_dims", f"{job.modality} image must be {want}, got shape "
-                    f"{tuple(shape)}", fix)
-
-
-def _core_shape(shape: tuple) -> tuple:
-    """The shape without trailing singleton dims beyond the third: (8, 8, 8, 1) -> (8, 8, 8)."""
-    shape = tuple(shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-def _read_3d(job: _ImageJob) -> list[Problem]:
-    """Read every voxel with read_nifti; its VolumeError becomes a problem of the matching kind."""
-    try:
-        read_nifti(job.path)
-    except VolumeError as exc:
-        message, fix = _split_fix(str(exc).removeprefix(f"file {job.path}: "))
-        kind = next((k for pattern, k in _VOLUME_KINDS if re.match(pattern, message)),
-                    "corrupt_file")
-        return [_problem(job, kind, message, fix or _CORRUPT_FIX)]
-    return []
-
-
-def _value_problems(job: _ImageJob, n_bad: int, total: int, lo: float, hi: float,
-                    what: str = "series", file: Path | None = None) -> list[Problem]:
-    if n_bad:
-        return [_problem(job, "nan_inf", f"{n_bad} of {total} voxels are NaN or Inf", _NAN_FIX,
-                         file)]
-    if lo == hi:
-        return [_problem(job, "constant", f"{what} is constant (every voxel is {lo:g})",
-                         _BLANK_FIX, file)]
-    return []
-
-
-def _scan_4d(job: _ImageJob, img: SpatialImage) -> list[Problem]:
-    """Read a 4D series a chunk of frames at a time; count non-finite voxels, track min / max."""
-    shape = tuple(img.shape)
-    step = max(1, _CHUNK_VOXELS // math.prod(shape[:3]))
-    n_bad, lo, hi = 0, math.inf, -math.inf
-    try:
-        for start in range(0, shape[3], step):
-            block = np.asarray(img.dataobj[:, :, :, start:start + step], dtype=np.float32)
-            n_bad += block.size - int(np.count_nonzero(np.isfinite(block)))
-            if not n_bad:
-                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-    except _READ_ERRORS as exc:
-        return [_problem(job, "corrupt_file", f"cannot read voxel data ({type(exc).__name__}: "
-                         f"{exc})", _CORRUPT_FIX)]
-    return _value_problems(job, n_bad, math.prod(shape), lo, hi)
-
-
-def _nifti_stem(path: Path) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
-
-
-def _read_table(path: Path) -> np.ndarray:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError("the file is empty")
-    return np.loadtxt(io.StringIO(text), ndmin=2, dtype=np.float64)
-
-
-def _gradient_problems(job: _ImageJob, n_volumes: int) -> list[Problem]:
-    """bval / bvec: keys on the image entry, else ``<stem>.bval`` / ``bvals`` beside the image."""
-    stem, found, missing = _nifti_stem(job.path), {}, []
-    for name, given in (("bval", job.bval), ("bvec", job.bvec)):
-        candidates = [given] if given is not None else [
-            job.path.with_name(f"{stem}.{name}"), job.path.with_name(f"{name}s")]
-        hit = next((c for c in candidates if c.is_file()), None)
-        if hit is None:
-            missing.append(" or ".join(str(c) for c in candidates))
-        found[name] = hit
-    if missing:
-        return [_problem(job, "dmri_no_gradients", f"4D diffusion series without gradients: "
-                         f"{'; '.join(missing)} not found",
-                         f"put {stem}.bval and {stem}.bvec next to the image (as dcm2niix writes "
-                         "them), or name them with 'bval' / 'bvec' keys on the image entry")]
-    try:
-        bvals, bvecs = _read_table(found["bval"]).ravel(), _read_table(found["bvec"])
-    except (OSError, ValueError) as exc:
-        return [_problem(job, "dmri_bad_gradients", f"cannot read the gradient table ({exc})",
-                         "bval: one row of N b-values; bvec: 3 rows of N vectors (FSL format)",
-                         found["bval"])]
-    if bvals.size != n_volumes or bvecs.shape not in ((3, n_volumes), (n_volumes, 3)):
-        return [_problem(job, "dmri_bad_gradients", f"the series has {n_volumes} volumes but "
-                         f"{found['bval'].name} holds {bvals.size} b-values and "
-                         f"{found['bvec'].name} a {bvecs.shape[0]}x{bvecs.shape[1]} table",
-                         "use the bval / bvec written with this image (e.g. by dcm2niix)",
-                         found["bval"])]
-    if not (np.isfinite(bvals).all() and np.isfinite(bvecs).all()):
-        return [_problem(job, "dmri_bad_gradients", "the gradient table holds NaN or Inf",
-                         "use the bval / bvec written with this image", found["bval"])]
-    return []
-
-
-def _frame_files(job: _ImageJob) -> tuple[list[Path], Problem | None]:
-    frames = {int(m.group(1)): p for p in job.path.iterdir()
-              if (m := _FRAME_PATTERN.match(p.name))}
-    fix = "a frame folder holds frame_0.pt, frame_1.pt, ... (one 3D tensor each)"
-    if not frames:
-        return [], _problem(job, "missing_file", "rsfMRI folder holds no frame_<i>.pt files", fix)
-    gaps = sorted(set(range(max(frames) + 1)) - set(frames))
-    if gaps:
-        return [], _problem(job, "missing_file", f"frames are not contiguous: {len(gaps)} "
-                            f"missing, first frame_{gaps[0]}.pt", fix)
-    return [frames[i] for i in range(len(frames))], None
-
-
-def _check_frame_folder(job: _ImageJob, rules: _Rules) -> list[Problem]:
-    """A SwiFT-style rsfMRI folder: contiguous frame_<i>.pt 3D tensors of one shape."""
-    import torch
-
-    files, problem = _frame_files(job)
-    if problem is not None:
-        return [problem]
-    out = [_too_short(job, len(files), rules)] if len(files) < rules.min_fmri_frames else []
-    shape, n_bad, lo, hi = None, 0, math.inf, -math.inf
-    for file in files:
-        try:
-            frame = torch.load(file, weights_only=True, map_location="cpu")
-        except Exception as exc:  # torch.load raises many types for a bad file
-            return out + [_problem(job, "corrupt_file", f"cannot read with torch.load("
-                                   f"weights_only=True) ({type(exc).__name__})",
-                                   "re-save it as a plain tensor with torch.save", file)]
-        if not isinstance(frame, torch.Tensor) or frame.ndim != 3 or 0 in frame.shape:
-            got = tuple(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
-            return out + [_problem(job, "wrong_dims", f"a frame must be a non-empty 3D tensor, "
-                                   f"got {got}", "each frame file holds one (X, Y, Z) tensor",
-                                   file)]
-        if shape is not None and tuple(frame.shape) != shape:
-            return out + [_problem(job, "wrong_dims", f"frame has shape {tuple(frame.shape)}, "
-                                   f"frame_0.pt has {shape}", "re-export the run on one grid",
-                                   file)]
-        shape, data = tuple(frame.shape), frame.detach().to(torch.float32).numpy()
-        n_bad += data.size - int(np.count_nonzero(np.isfinite(data)))
-        if not n_bad:
-            lo, hi = min(lo, float(data.min())), max(hi, float(data.max()))
-    return out + _value_problems(job, n_bad, math.prod(shape) * len(files), lo, hi, "run")
-
-
-def _too_short(job: _ImageJob, n_frames: int, rules: _Rules) -> Problem:
-    return _problem(job, "fmri_too_short", f"run has {n_frames} frames; one window needs "
-                    f"{rules.min_fmri_frames}", "drop the record, or lower "
-                    "dataset.rsfMRI.sequence_length / stride_within_seq (a window spans "
-                    "(sequence_length - 1) * stride_within_seq + 1 frames)")
-
-
-def _check_t1(job: _ImageJob, rules: _Rules) -> list[Problem]:
-    img, problem = _open_image(job)
-    if problem is not None:
-        return [problem]
-    if len(_core_shape(img.shape)) != 3:
-        return [_dims_problem(job, img.shape)]
-    return _read_3d(job)
-
-
-def _check_fmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
-    if job.path.is_dir():
-        return _check_frame_folder(job, rules)
-    img, problem = _open_image(job)
-    if problem is not None:
-        return [problem]
-    shape = tuple(img.shape)
-    if len(shape) < 4 or any(n != 1 for n in shape[4:]):
-        return [_dims_problem(job, shape)]
-    out = [_too_short(job, shape[3], rules)] if shape[3] < rules.min_fmri_frames else []
-    return out + _scan_4d(job, img)
-
-
-def _check_dmri(job: _ImageJob, rules: _Rules) -> list[Problem]:
-    img, problem = _open_image(job)
-    if problem is not None:
-        return [problem]
-    core = _core_shape(img.shape)
-    if len(core) == 3:
-        return _read_3d(job)
-    if len(core) != 4:
-        return [_dims_problem(job, img.shape)]
-    return _gradient_problems(job, core[3]) + _scan_4d(job, img)
-
-
-_CHECKS = {"T1": _check_t1, "rsfMRI": _check_fmri, "dMRI": _check_dmri}
-
-
-def _check_image(job: _ImageJob, rules: _Rules) -> list[Problem]:
-    """Every problem of one image file; never raises."""
-    try:
-        problems = _CHECKS[job.modality](job, rules)
-    except Exception as exc:  # one odd file must not stop the report on all the others
-        problems = [_problem(job, "corrupt_file", f"unexpected {type(exc).__name__} while reading: "
-                             f"{exc}", _CORRUPT_FIX + "; if other tools read it, report an "
-                             "umbrella bug")]
-    if job.n_refs > 1:
-        problems = [replace(p, message=f"{p.message} (file named by {job.n_refs} records)")
-                    for p in problems]
-    return problems
-
-
-def _check_images(jobs: list[_ImageJob], rules: _Rules, workers: int,
-                  progress: bool) -> list[list[Problem]]:
-    results: list[list[Problem]] = [[] for _ in jobs]
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        bar = tqdm(total=len(jobs), desc="validate images", unit="file", disable=not progress)
-        with bar:
-            futures = {pool.submit(_check_image, job, rules): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    finally:  # on Ctrl-C, files not yet started are dropped instead of read to the end
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
+def _number_problem(problem, rec: Record, task) -> Problem:
+    """A regression answer that did not parse: a number outside the range, or no number."""
+    unbounded = replace(task, low=None, high=None)
+    value = unbounded.parse(rec.answer)
+    if value is not None:
+        return problem("implausible_answer", f"answer {rec.answer!r} ({value:g} {task.unit}) is "
+                       f"outside the plausible range [{task.low:g}, {task.high:g}] of "
+                       f"{rec.task}", "check the phenotype value and its unit (e.g. months "
+                       "vs years: umbrella prepare --age-unit), or drop the record")
+    return problem("unparseable_answer", f"answer {rec.answer!r} holds no single number for "
+                   f"{rec.task}", f"make the last assistant turn one number, e.g. "
+                   f"{task.format_answer((task.low or 0) + 1)!r}")
 
 
 # ----------------------------------------------------------------------------- entry points
 
 def validate_records_files(records_files: list[Path], data_roots: dict[str, Path], *,
                            modality_rules: dict | None = None, workers: int = 2,
-                           progress: bool = True) -> ValidationReport:
+                           progress: bool = True, specs: dict | None = None,
+                           studies: dict | None = None) -> ValidationReport:
     """Check every record of every file and every image they name; see the module docstring.
 
     ``data_roots``: {modality: folder} that relative image paths resolve against (and that image
     paths must stay inside). ``modality_rules``: ``{"rsfMRI": {"min_frames": n}}``; the default
     is one window of the default ModalityConfig. Images are checked by ``workers`` threads.
-    Problems come in the order of the records that raise them.
+    Problems come in the order of the records that raise them. ``specs``: {modality: VolumeSpec}
+    whose cropping is measured per image (default: the default config's geometry);
+    ``studies``: the config's ``studies`` overrides (for the rsfMRI TR).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
@@ -740,7 +445,8 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
     if unknown:
         raise ConfigError(f"data_roots has unknown modalities {unknown}; "
                           f"use {', '.join(MODALITIES)}")
-    rules = _parse_rules(modality_rules)
+    rules = replace(_parse_rules(modality_rules), specs=default_specs(specs),
+                    study_tr=StudyTr(studies or {}))
     collector = _Collector({m: Path(p) for m, p in (data_roots or {}).items()})
     n_records, seen = 0, set()
     for path in map(Path, records_files):
@@ -755,10 +461,14 @@ def validate_records_files(records_files: list[Path], data_roots: dict[str, Path
         n_records += len(entries)
     jobs = list(collector.jobs.values())
     found = collector.problems
-    for job, problems in zip(jobs, _check_images(jobs, rules, workers, progress), strict=True):
+    for job, problems in zip(jobs, check_images(jobs, rules, workers, progress), strict=True):
         found += [(job.order, p) for p in problems]
+    found += duplicate_scans(jobs)
     found.sort(key=lambda item: item[0])  # stable: record problems before file problems
-    return ValidationReport(n_records, len(collector.referenced), [p for _, p in found])
+    problems = [p for _, p in found if p.kind not in WARNING_KINDS]
+    warnings = [p for _, p in found if p.kind in WARNING_KINDS]
+    return ValidationReport(n_records, len(collector.referenced), problems, warnings,
+                            geometry_spread(jobs))
 
 
 def validate_config(cfg: UmbrellaConfig, **kw) -> ValidationReport:
@@ -778,4 +488,8 @@ def validate_config(cfg: UmbrellaConfig, **kw) -> ValidationReport:
     rules = {"rsfMRI": {"min_frames": fmri_window_frames(cfg.dataset.rsfMRI)}}
     for modality, given in (kw.pop("modality_rules", None) or {}).items():
         rules[modality] = {**rules.get(modality, {}), **given}
-    return validate_records_files(files, roots, modality_rules=rules, **kw)
+    from umbrella.data.catalog import volume_spec
+
+    specs = {m: volume_spec(s) for m, s in enabled.items() if m != "rsfMRI"}
+    return validate_records_files(files, roots, modality_rules=rules, specs=specs,
+                                  studies=dict(cfg.studies), **kw)

@@ -4,8 +4,13 @@ Every array here is ``(D, H, W) = (x, y, z)`` in RAS+ voxel order, as nibabel gi
 :func:`nibabel.as_closest_canonical`: axis 0 runs left -> Right, axis 1 posterior -> Anterior,
 axis 2 inferior -> Superior.
 
-Pipeline (:func:`preprocess_volume`): :func:`read_nifti` -> optional resampling to
-``VolumeSpec.voxel_size`` -> :func:`fit_to_shape` -> :func:`normalize_intensity`.
+Pipeline (:func:`preprocess_volume`): :func:`read_nifti` -> resampling to
+``VolumeSpec.target_spacing()`` (``voxel_size``, else ``field_of_view / image_size``) ->
+:func:`fit_to_shape` around the head -> :func:`normalize_intensity`.
+
+Geometry is physical: the config's default ``field_of_view`` of 201.6 mm (96 voxels of 2.1 mm)
+holds an adult brain with margin at any input spacing (0.7 mm HCP, 1 mm ABCD / UKB, 2 mm MNI,
+4 mm rsfMRI): the input is always filled by the same physical extent of the head.
 :class:`VolumeAugment` is the (MONAI-based, seeded) training augmentation applied afterwards.
 
 MONAI is imported lazily (only by :class:`VolumeAugment`) because importing it takes seconds.
@@ -61,14 +66,20 @@ class VolumeSpec:
 
     image_size: tuple[int, int, int] = (96, 96, 96)
     voxel_size: tuple[float, float, float] | None = None  # resample to this spacing (mm) first
-    spatial: str = "crop_pad"  # "crop_pad" (centre crop/pad, never rescales) | "resize"
+    spatial: str = "crop_pad"  # "crop_pad" (crop/pad around the head, never rescales) | "resize"
     normalize: str = "zscore_brain"  # "zscore_brain" | "percentile" | "none"
     percentiles: tuple[float, float] = (0.5, 99.5)  # for "percentile": clip, then scale to [0, 1]
+    # crop_pad without voxel_size: resample to field_of_view / image_size mm per axis first, so
+    # the input covers this many mm whatever the file's spacing (None: keep the file's spacing)
+    field_of_view: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _int_triple("image_size", self.image_size))
         if self.voxel_size is not None:
             object.__setattr__(self, "voxel_size", _float_triple("voxel_size", self.voxel_size))
+        if self.field_of_view is not None:
+            object.__setattr__(self, "field_of_view",
+                               _float_triple("field_of_view", (self.field_of_view,) * 3)[0])
         if self.spatial not in SPATIAL_MODES:
             raise ValueError(f"VolumeSpec.spatial must be one of {SPATIAL_MODES}, "
                              f"got {self.spatial!r}")
@@ -84,9 +95,21 @@ class VolumeSpec:
                              f"0 <= low < high <= 100, got {p!r}")
         object.__setattr__(self, "percentiles", (float(p[0]), float(p[1])))
 
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """The spacing (mm) volumes are resampled to before fitting: ``voxel_size``, else for
+        crop_pad ``field_of_view / image_size`` per axis, else None (keep the file's)."""
+        if self.voxel_size is not None:
+            return self.voxel_size
+        if self.field_of_view is None or self.spatial != "crop_pad":
+            return None
+        return tuple(self.field_of_view / n for n in self.image_size)
+
     def to_dict(self) -> dict:
-        """JSON-serialisable form (lists instead of tuples)."""
+        """JSON-serialisable form (lists instead of tuples); an unset field_of_view is left out,
+        so specs (and cache keys) written before it existed read back the same."""
         d = asdict(self)
+        if d["field_of_view"] is None:
+            del d["field_of_view"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -100,7 +123,8 @@ class VolumeSpec:
 
 
 def read_nifti(path: str | Path, *, record_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI (.nii / .nii.gz) as RAS+ canonical ``(data, affine)``.
+    """Load a 3D volume as RAS+ canonical ``(data, affine)``: NIfTI-1 or NIfTI-2 (.nii,
+    .nii.gz) or FreeSurfer MGH (.mgh, .mgz: T1.mgz, brain.mgz, norm.mgz), all through nibabel.
 
     ``data`` is float32 of shape (D, H, W) with scl_slope / scl_inter applied; ``affine`` is the
     4x4 float64 voxel-to-world matrix of the reoriented image. A 4D image whose extra dims are
@@ -126,7 +150,8 @@ def read_canonical(path: Path, ndim: int, fail, dims_fix: str) -> tuple[np.ndarr
     try:
         img = nib.load(path)
     except _READ_ERRORS as exc:
-        raise fail(f"cannot read as NIfTI ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
+        raise fail(f"cannot read as NIfTI / MGH volume ({type(exc).__name__}: {exc})",
+                   _CORRUPT_FIX) from exc
     if not isinstance(img, SpatialImage):
         raise fail(f"{type(img).__name__} is not a volumetric image",
                    f"point the record at a {ndim}D NIfTI")
@@ -161,11 +186,25 @@ def _check_header(img, path: Path, fail) -> None:
         raise fail(f"the header declares {n_voxels} voxels (shape {tuple(img.shape)}), more than "
                    f"{MAX_VOXELS}", "the header is corrupt or this is not a brain volume")
     offset = int(getattr(img.header, "get_data_offset", lambda: 0)())
-    if not str(path).endswith(".gz"):
+    if not is_compressed(path):  # a compressed file's size says nothing about its voxel bytes
         needed = offset + n_voxels * dtype.itemsize
         if needed > path.stat().st_size:
             raise fail(f"the header declares {needed} bytes of data but the file has "
                        f"{path.stat().st_size} (truncated file or corrupt header)", _CORRUPT_FIX)
+
+
+_COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\x28\xb5\x2f\xfd")  # gzip (.gz, .mgz), bz2, zstd
+
+
+def is_compressed(path: str | Path) -> bool:
+    """Whether a file is gzip / bz2 / zstd compressed, judged by its first bytes (a FreeSurfer
+    ``.mgz`` is gzip without a ``.gz`` suffix); False for a file that cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _COMPRESSION_MAGIC)
 
 
 def _check_values(data: np.ndarray, fail) -> None:
@@ -187,11 +226,48 @@ def _resize(data: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad") -> np.ndarray:
+def head_windows(data: np.ndarray, shape) -> list[slice]:
+    """Per axis the crop window (of ``min(n, t)`` voxels) that :func:`fit_to_shape` keeps when
+    it is given ``keep=brain_mask(data)``: the window holding the head's bounding box, as
+    central as possible; a head longer than the window keeps its centre, except along the
+    inferior-superior axis (2), where the top is kept and the neck is dropped."""
+    return _windows(data.shape, shape, _box(brain_mask(data)))
+
+
+def _box(mask: np.ndarray) -> list[tuple[int, int]]:
+    box = []
+    for axis in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, mask.shape[axis]))
+    return box
+
+
+def _windows(have, want, box=None) -> list[slice]:
+    """Crop windows per axis; ``box`` None: central."""
+    out = []
+    for axis, (n, t) in enumerate(zip(have, want, strict=True)):
+        lo, hi = box[axis] if box is not None else (0, n)
+        if n <= t:
+            out.append(slice(0, n))
+            continue
+        if box is None:
+            start = (n - t) // 2
+        elif hi - lo <= t:  # the whole box fits: as central as possible around it
+            start = min(max((n - t) // 2, hi - t), lo)
+        else:
+            start = hi - t if axis == 2 else (lo + hi - t) // 2
+        out.append(slice(start, start + t))
+    return out
+
+
+def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad",
+                 keep: np.ndarray | None = None) -> np.ndarray:
     """Bring a (D, H, W) array to ``shape`` (3 ints); returns float32 of exactly that shape.
 
-    ``crop_pad``: centre crop / pad each axis independently (for an odd difference the extra
-    voxel is cropped from / padded at the end); padding uses the volume's minimum. Spacing is kept.
+    ``crop_pad``: crop / pad each axis independently; padding is central (an odd remainder at
+    the end) with the volume's minimum. Spacing is kept. Without ``keep`` the crop is central
+    too; with ``keep`` (a bool mask, e.g. the head) each crop window holds the mask's bounding
+    box where it fits (see :func:`head_windows`).
     ``resize``: trilinear resampling of the whole volume (spacing changes, aspect may change).
     """
     shape = tuple(int(s) for s in shape)
@@ -202,10 +278,9 @@ def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad") -> np.ndarray:
         return _resize(np.asarray(data, dtype=np.float32), shape)
     if mode != "crop_pad":
         raise ValueError(f"fit_to_shape mode must be one of {SPATIAL_MODES}, got {mode!r}")
-    crops, pads = [], []
+    crops = _windows(data.shape, shape, _box(keep) if keep is not None else None)
+    pads = []
     for n, t in zip(data.shape, shape, strict=True):
-        start = max(n - t, 0) // 2
-        crops.append(slice(start, start + min(n, t)))
         before = max(t - n, 0) // 2
         pads.append((before, max(t - n, 0) - before))
     out = np.asarray(data[tuple(crops)], dtype=np.float32)
@@ -276,16 +351,45 @@ def preprocess_volume(path: str | Path, spec: VolumeSpec, *,
 
 def finish_volume(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, path=None,
                   record_id: str | None = None) -> np.ndarray:
-    """(D, H, W) RAS+ data -> resampled to ``spec.voxel_size``, fitted, normalised float32."""
-    if spec.voxel_size is not None:
-        try:
-            data = resample_to_spacing(data, affine, spec.voxel_size)
-        except ValueError as exc:
-            raise VolumeError(str(exc), path=path, record_id=record_id,
-                              fix="check VolumeSpec.voxel_size and the file's header") from exc
-    data = fit_to_shape(data, spec.image_size, spec.spatial)
+    """(D, H, W) RAS+ data -> resampled to ``spec.target_spacing()``, fitted (crop_pad: around
+    the head, see :func:`head_windows`), normalised float32."""
+    data = resample_for_spec(data, affine, spec, path=path, record_id=record_id)
+    keep = brain_mask(data) if spec.spatial == "crop_pad" else None
+    data = fit_to_shape(data, spec.image_size, spec.spatial, keep=keep)
     data = normalize_intensity(data, spec.normalize, spec.percentiles)
     return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def resample_for_spec(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, path=None,
+                      record_id: str | None = None) -> np.ndarray:
+    spacing = spec.target_spacing()
+    if spacing is None:
+        return data
+    try:
+        return resample_to_spacing(data, affine, spacing)
+    except ValueError as exc:
+        raise VolumeError(str(exc), path=path, record_id=record_id,
+                          fix="check voxel_size / field_of_view and the file's header") from exc
+
+
+def kept_fraction(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec,
+                  mask: np.ndarray | None = None) -> float:
+    """The fraction of ``mask`` (default: the head, :func:`brain_mask` of ``data``) that the
+    spatial fitting of ``spec`` keeps, measured after resampling as :func:`finish_volume` does
+    (the same windows); 1.0 for ``resize``, which keeps everything."""
+    if spec.spatial != "crop_pad":
+        return 1.0
+    mask = brain_mask(data) if mask is None else mask
+    spacing = spec.target_spacing()
+    if spacing is not None:
+        data = resample_to_spacing(data, affine, spacing)
+        mask = resample_to_spacing(mask.astype(np.float32), affine, spacing)
+    mask = np.asarray(mask, dtype=np.float64)
+    total = float(mask.sum())
+    if total <= 0:
+        return 1.0
+    window = head_windows(data, spec.image_size)
+    return float(mask[tuple(window)].sum()) / total
 
 
 class VolumeAugment:

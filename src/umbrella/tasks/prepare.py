@@ -2,57 +2,74 @@
 and modality, with subject-level splits shared by every task and modality.
 
     out_dir/
-        {task}_{modality}.jsonl   e.g. sex_T1.jsonl, age_T1.jsonl, compare_age_T1.jsonl
+        {task}_{modality}.jsonl   e.g. sex_T1.jsonl, age_T1.jsonl, session_order_T1.jsonl
         splits.json               {subject: "train" | "val" | "test"} (reuse it with splits_file=)
-        prepare_summary.json      files, record counts per split, skipped rows per reason
+        prepare_summary.json      files, record counts per split, skipped rows per reason, how
+                                  table ids met image ids (matched / unmatched, with examples)
 
-Images come from a path pattern per modality (``{"T1": "images/{subject}_T1w.nii.gz"}``, relative
-to ``image_root``; ``{label}`` is the id without ``sub-``; glob characters allowed: every match
-is one scan) or from a BIDS tree (``sub-*/[ses-*/]anat/*_T1w.nii.gz``, ``func/*_bold.nii.gz``,
-``dwi/*_dwi.nii.gz``). Image paths in the records are relative to ``PrepareSummary.data_roots``:
-set ``dataset.<modality>.data_root`` to it.
+Images come from a path pattern per modality or a BIDS tree (:mod:`umbrella.tasks.images`).
+Table ids meet path ids through :func:`umbrella.tasks.subjects.subject_key` (``sub-`` prefix,
+non-alphanumerics and case dropped: ABCD's ``NDAR_INV0A4P0LWM`` is BIDS's
+``sub-NDARINV0A4P0LWM``). Image paths in the records are relative to
+``PrepareSummary.data_roots``: set ``dataset.<modality>.data_root`` to it.
+
+Sessions: a record is one scan of one subject at one session, labelled from that session's row
+(a long table: ABCD ``eventname``, BIDS ``session_id``, or ``--session-column``) or, in a wide UK
+Biobank table, from the same field at the scan's instance (``21003-2.0`` for instance 2,
+``21003-3.0`` for 3; the instance comes from ``ses-2`` or the bulk name ``<eid>_20252_2_0``).
+Sex and diagnosis may come from any session of the subject; other values must come from the
+scan's own session, else the scan is skipped and counted. Every record carries ``subject_id``
+and ``session`` ('' when the cohort has none).
 
 Splits: each subject is assigned once (sorted ids, seeded permutation, stratified by the
-classification labels), so a subject sits in one split in every task and modality file; pairs of
-the comparison tasks are drawn within one split.
+classification labels), so a subject, with all its sessions, sits in one split in every task and
+modality file; pairs of the comparison tasks are drawn within one split.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json, atomic_write_jsonl
 from umbrella.tasks.conversations import draw_questions, subject_splits, task_record
+from umbrella.tasks.images import (
+    MODALITIES,
+    ImageFile,
+    collect_images,
+    discover_bids,
+    example_path,
+)
+from umbrella.tasks.phenotype import (
+    Table,
+    Targets,
+    extra_column,
+    no_usable_rows,
+    read_table,
+    session_column_for,
+    table_columns,
+    task_targets,
+)
 from umbrella.tasks.registry import (
-    AGE,
     COMPARE_AGE,
     COMPARE_SEX,
-    SEX,
+    SESSION_GAP,
+    SESSION_ORDER,
     TASKS,
     TaskSpec,
-    classification_task,
-    regression_task,
 )
+from umbrella.tasks.subjects import match_ids, subject_key, ukb_instance_column
 
 SUMMARY_FILE = "prepare_summary.json"
 SPLITS_FILE = "splits.json"
-MODALITIES = ("T1", "rsfMRI", "dMRI")
-BIDS_IMAGES = {"T1": ("anat", "_T1w.nii.gz"), "rsfMRI": ("func", "_bold.nii.gz"),
-               "dMRI": ("dwi", "_dwi.nii.gz")}
-SUBJECT_COLUMNS = ("subject_id", "participant_id", "subject", "src_subject_id", "eid", "SUB_ID",
-                   "Subject", "EID")
-DIAGNOSIS_COLUMNS = ("diagnosis", "dx", "DX_GROUP", "dx_group", "group")
-MAX_OPTIONS = 20  # a "categorical" column with more distinct values is probably an id or free text
-_BASE = {"sex": "sex", "compare_sex": "sex", "age": "age", "compare_age": "age"}
 _PAIRS = {"compare_sex": COMPARE_SEX, "compare_age": COMPARE_AGE}
+_WITHIN = {"session_order": SESSION_ORDER, "session_gap": SESSION_GAP}
+MIN_SESSION_GAP = 0.25  # years: two sessions closer than this are not asked about
 
 
 @dataclass
@@ -66,29 +83,15 @@ class PrepareSummary:
     splits_file: Path
     tasks: dict[str, dict] = field(default_factory=dict)  # name -> TaskSpec.to_dict()
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few raw values
+    matching: dict[str, dict] = field(default_factory=dict)  # modality -> id matching counts
+    sessions: dict[str, int] = field(default_factory=dict)  # modality -> distinct sessions
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "files": {k: str(v) for k, v in self.files.items()},
                 "records": self.records, "subjects": self.subjects, "skipped": self.skipped,
                 "examples": self.examples, "data_roots": self.data_roots,
-                "splits_file": str(self.splits_file), "tasks": self.tasks}
-
-
-# ----------------------------------------------------------------------------- phenotype + study
-
-def read_phenotype(path: Path, subject_column: str | None) -> tuple[pd.DataFrame, str]:
-    """CSV (or TSV for .tsv/.txt) with the subject ids as text; returns (table, subject column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"phenotype table {path} does not exist", source="prepare")
-    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    head = pd.read_csv(path, sep=sep, nrows=0)
-    column = subject_column or next((c for c in SUBJECT_COLUMNS if c in head.columns), None)
-    if column is None or column not in head.columns:
-        raise ConfigError(f"{path}: no subject column {column or ''!r} among {list(head.columns)}; "
-                          "pass subject_column= (or --subject-column) naming it", source="prepare")
-    table = pd.read_csv(path, sep=sep, dtype={column: str}, na_values=["n/a", "N/A"])
-    return table, column
+                "splits_file": str(self.splits_file), "tasks": self.tasks,
+                "matching": self.matching, "sessions": self.sessions}
 
 
 def resolve_study(name: str, overrides: dict | None = None, **explicit):
@@ -108,252 +111,116 @@ def resolve_study(name: str, overrides: dict | None = None, **explicit):
     return get_study(name, values)
 
 
-def _find_column(table: pd.DataFrame, wanted: str | None, task: str, candidates=()) -> str:
-    names = [wanted] if wanted else list(candidates)
-    lower = {c.lower(): c for c in table.columns}
-    for name in names:
-        if name in table.columns:
-            return name
-        if name.lower() in lower:
-            return lower[name.lower()]
-    raise ConfigError(f"task {task!r}: no column {wanted or ' / '.join(candidates)!r} in the "
-                      f"phenotype table (columns: {', '.join(map(str, table.columns))}); pass "
-                      f"columns={{'{task}': 'COLUMN'}}", source="prepare")
-
-
-# ----------------------------------------------------------------------------- targets
-
-def _raw_key(raw) -> str:
-    if isinstance(raw, float) and raw.is_integer():
-        return str(int(raw))
-    return str(raw).strip()
-
-
-def _missing(raw) -> bool:
-    return raw is None or (isinstance(raw, float) and math.isnan(raw)) or \
-        (isinstance(raw, str) and raw.strip() == "") or raw is pd.NA
-
+# ----------------------------------------------------------------------------- units
 
 @dataclass
-class _Targets:
-    spec: TaskSpec
-    values: dict[str, object]  # subject -> label or value in the spec's unit
-    skipped: Counter
-    examples: dict[str, list[str]]
+class _Units:
+    """Scans grouped by (subject key, session key), per modality, matched to table rows."""
+
+    files: dict[str, dict[tuple[str, str], list[Path]]]  # modality -> unit -> files
+    sessions: dict[tuple[str, str], str]  # unit -> session as written ('' when none)
+    subject_sessions: dict[str, set[str]]  # subject key -> session keys with a scan
 
 
-def _decode(base: str, raw, study, labels: dict | None):
-    """(value, reason) for one raw cell: value None means skipped for ``reason``."""
-    from umbrella.data.studies import age_in_years, decode_sex
-
-    if _missing(raw):
-        return None, "missing value"
-    try:
-        if base == "sex":
-            value = decode_sex(study, raw)
-            return (value, None) if value is not None else (None, "no male/female label")
-        if base == "age":
-            return age_in_years(study, raw), None
-    except ValueError:
-        return None, "unknown code" if base == "sex" else "not a valid age"
-    if labels is not None:
-        mapped = {_raw_key(k).lower(): str(v) for k, v in labels.items()}.get(_raw_key(raw).lower())
-        return (mapped, None) if mapped is not None else (None, "unknown code")
-    return raw, None
+def _group(found: dict[str, list[ImageFile]], table: Table) -> _Units:
+    files: dict[str, dict[tuple[str, str], list[Path]]] = {}
+    sessions, per_subject = {}, {}
+    for modality, images in found.items():
+        by_unit: dict[tuple[str, str], list[Path]] = {}
+        for image in images:
+            if image.key[0] not in table.rows:
+                continue
+            by_unit.setdefault(image.key, []).append(image.path)
+            sessions.setdefault(image.key, image.session)
+            per_subject.setdefault(image.key[0], set()).add(image.key[1])
+        files[modality] = {u: sorted(set(p)) for u, p in sorted(by_unit.items())}
+    return _Units(files, sessions, per_subject)
 
 
-def task_targets(task: str, table: pd.DataFrame, subject_column: str, study, *,
-                 columns: dict, labels: dict, categorical, ranges: dict) -> _Targets:
-    """Decode, validate and range-check one task's column; count every skipped row by reason."""
-    base = _BASE.get(task, task)
-    column = table[_task_column(task, base, table, study, columns)]
-    classify = _is_categorical(base, column, labels, categorical)
-    values, skipped, examples = {}, Counter(), {}
-    for sid, raw in zip(table[subject_column], column, strict=True):
-        value, reason = _decode(base, raw, study, labels.get(task))
-        if reason is None and not classify:
-            value, reason = _as_number(value)
-        if reason is not None:
-            key = f"{task}: {reason}"
-            skipped[key] += 1
-            if reason != "missing value" and len(examples.setdefault(key, [])) < 5:
-                examples[key].append(f"{sid}: {raw!r}")
-            continue
-        values[sid] = _raw_key(value) if classify else value
-    spec = _spec_for(task, base, values, ranges, classify)
-    if spec.kind == "regression":
-        bad = {s for s, v in values.items() if not spec.in_range(v)}
-        if bad:
-            skipped[f"{task}: out of range [{spec.low}, {spec.high}]"] += len(bad)
-            values = {s: v for s, v in values.items() if s not in bad}
-    return _Targets(spec, values, skipped, {k: v for k, v in examples.items() if v})
+def _label(got: Targets, table: Table, unit: tuple[str, str], units: _Units, study,
+           labels: dict) -> tuple[object | None, str | None]:
+    """(value, reason) of one task for one scan's (subject, session); a reason counts a skip,
+    (None, None) is a row already counted as skipped (missing or bad value)."""
+    key, session = unit
+    rows = table.rows[key]
+    if table.session_column:
+        row = next((i for i in rows if table.units[i][1] == session), None)
+        if row is None and not session and len(rows) == 1:
+            row = rows[0]
+        if row is not None and row in got.values:
+            return got.values[row], None
+        if got.subject_level:
+            hit = next((got.values[i] for i in rows if i in got.values), None)
+            if hit is not None:
+                return hit, None
+        if row is None:
+            return None, (f"{got.task}: no table row for the scan's session" if session else
+                          f"{got.task}: scan has no session, the subject has several rows")
+        return None, None
+    row = rows[0]
+    other = ukb_instance_column(got.column, session) if session else None
+    if other == got.column:  # the scan's instance is the column's own
+        return got.values.get(row), None
+    if other is not None:
+        if other in table.frame.columns:
+            value = extra_column(got, table, other, study, labels).get(row)
+            if value is not None or not got.subject_level:
+                return value, None if value is not None else f"{got.task}: no value in {other}"
+        elif not got.subject_level:
+            return None, f"{got.task}: no column {other} for the scan's instance"
+    elif session and not got.subject_level and len(units.subject_sessions[key] - {""}) > 1:
+        return None, (f"{got.task}: scans in several sessions but one table row "
+                      "(--session-column)")
+    return got.values.get(row), None
 
 
-def _task_column(task: str, base: str, table: pd.DataFrame, study, columns: dict) -> str:
-    if base == "sex":
-        return _find_column(table, columns.get(task, columns.get("sex", study.sex_column)), task)
-    if base == "age":
-        wanted = columns.get(task, columns.get("age", study.age_column))
-        if wanted is None:
-            raise ConfigError(f"task {task!r}: study {study.name} has no age column "
-                              f"({study.notes}); pass columns={{'age': 'COLUMN'}}",
-                              source="prepare")
-        return _find_column(table, wanted, task)
-    if base == "diagnosis":
-        return _find_column(table, columns.get(task), task, DIAGNOSIS_COLUMNS)
-    return _find_column(table, columns.get(task, base), task)
-
-
-def _as_number(value):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None, "not a number"
-    return (number, None) if math.isfinite(number) else (None, "not a number")
-
-
-def _is_categorical(base: str, column: pd.Series, labels: dict, categorical) -> bool:
-    """sex, diagnosis, columns with a label map or named in ``categorical``: classification.
-    age, bmi: regression. Other columns: regression when at least 90% of the filled cells are
-    numbers (the rest are skipped as "not a number"), else classification."""
-    if base in ("sex", "diagnosis") or base in labels or base in categorical:
-        return True
-    if base in TASKS:
-        return TASKS[base].kind == "classification"
-    filled = column.dropna()
-    if pd.api.types.is_numeric_dtype(column) or filled.empty:
-        return False
-    return pd.to_numeric(filled, errors="coerce").notna().mean() < 0.9
-
-
-def _spec_for(task: str, base: str, values: dict, ranges: dict, classify: bool) -> TaskSpec:
-    if base == "sex":
-        return SEX
-    lo, hi = ranges.get(task, ranges.get(base, (None, None)))
-    if base == "age":
-        return regression_task("age", low=AGE.low if lo is None else lo,
-                               high=AGE.high if hi is None else hi)
-    if classify:
-        options = sorted(set(values.values()))
-        if len(options) > MAX_OPTIONS:
-            raise ConfigError(f"task {task!r}: column has {len(options)} distinct values; a "
-                              f"classification task takes at most {MAX_OPTIONS} (is it an id or a "
-                              "number? numeric columns become regression tasks)", source="prepare")
-        if len(options) < 2:
-            raise ConfigError(f"task {task!r}: needs two or more classes, found {options}",
-                              source="prepare")
-        return classification_task(task, options)
-    integral = all(float(v).is_integer() for v in values.values())
-    return regression_task(task, low=lo, high=hi, decimals=0 if integral else 1)
-
-
-# ----------------------------------------------------------------------------- images
-
-def _label_of(subject: str) -> str:
-    return subject[4:] if subject.startswith("sub-") else subject
-
-
-def discover_bids(root: Path, modalities=MODALITIES) -> dict[str, dict[str, list[Path]]]:
-    """{modality: {subject label (no "sub-"): [files]}} from ``sub-*/[ses-*/]<folder>/*<suffix>``.
-    For rsfMRI, runs named ``task-rest`` are kept when a subject has any."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"BIDS root {root} is not a folder", source="prepare")
-    found: dict[str, dict[str, list[Path]]] = {m: {} for m in modalities}
-    for sub in sorted(p for p in root.glob("sub-*") if p.is_dir()):
-        for modality in modalities:
-            folder, suffix = BIDS_IMAGES[modality]
-            files = sorted(sub.glob(f"{folder}/*{suffix}")) + sorted(sub.glob(f"ses-*/{folder}/*{suffix}"))
-            if modality == "rsfMRI" and any("task-rest" in f.name for f in files):
-                files = [f for f in files if "task-rest" in f.name]
-            if files:
-                found[modality][_label_of(sub.name)] = files
-    return found
-
-
-def _pattern_files(pattern: str, subject: str, root: Path) -> list[Path]:
-    text = pattern.format(subject=subject, label=_label_of(subject))
-    path = Path(text)
-    if not path.is_absolute():
-        path = root / path
-    if any(c in text for c in "*?["):
-        anchor = Path(path.anchor)
-        return sorted(anchor.glob(str(path.relative_to(anchor))))
-    return [path] if path.exists() else []  # a folder is an rsfMRI frame folder
-
-
-def find_images(subjects: list[str], *, images: dict[str, str] | None, bids_root: Path | None,
-                image_root: Path) -> tuple[dict[str, dict[str, list[Path]]], dict[str, Path]]:
-    """({modality: {subject: [files]}}, {modality: data root}); subjects with no file are absent."""
-    images = dict(images or {})
-    bad = [m for m in images if m not in MODALITIES]
-    if bad:
-        raise ConfigError(f"unknown modality {bad[0]!r} in images; use {', '.join(MODALITIES)}",
-                          source="prepare")
-    if not images and bids_root is None:
-        raise ConfigError("no images: pass images={'T1': 'path/{subject}_T1w.nii.gz'} or "
-                          "bids_root=", source="prepare")
-    out: dict[str, dict[str, list[Path]]] = {}
-    roots: dict[str, Path] = {}
-    if bids_root is not None:
-        bids = discover_bids(bids_root, [m for m in MODALITIES if m not in images])
-        for modality, by_label in bids.items():
-            if by_label:
-                numeric = {int(k): v for k, v in by_label.items() if k.isdigit()}
-                out[modality] = {}
-                for s in subjects:
-                    lab = _label_of(s)
-                    files = by_label.get(lab) or (numeric.get(int(lab)) if lab.isdigit() else None)
-                    if files:
-                        out[modality][s] = files
-                roots[modality] = Path(bids_root).resolve()
-    for modality, pattern in images.items():
-        out[modality] = {s: f for s in subjects if (f := _pattern_files(pattern, s, image_root))}
-        roots[modality] = image_root
-    return out, roots
-
-
-def _where_images_were_sought(subjects: list[str], images: dict[str, str] | None,
-                              bids_root: Path | None, root: Path, sid_col: str) -> str:
-    """What to check when no image matched: the first subject's looked-up paths."""
-    first = subjects[0] if subjects else "<none>"
-    parts = [f"subject column {sid_col!r} (first id {first!r})"]
-    for modality, pattern in (images or {}).items():
-        looked = Path(pattern.format(subject=first, label=_label_of(first)))
-        looked = looked if looked.is_absolute() else root / looked
-        parts.append(f"{modality} pattern {pattern!r} looked for {looked} (relative patterns "
-                     "start from the image root: the phenotype table's folder unless "
-                     "--image-root / image_root= is given)")
-    if bids_root is not None:
-        parts.append(f"BIDS root {bids_root} (sub-<label>/[ses-*/]anat|func|dwi)")
-    return "check " + "; ".join(parts)
-
-
-def _image_entry(modality: str, path: Path, root: Path) -> dict:
-    path = Path(path).resolve()
-    rel = path.relative_to(root) if path.is_relative_to(root) else path
-    return {"modality": modality, "path": str(rel)}
+def _labels(targets: dict[str, Targets], table: Table, units: _Units, study, labels: dict,
+            skipped: Counter) -> dict[str, dict[tuple[str, str], object]]:
+    """{task: {unit: value}} over every unit with a scan in any modality."""
+    every = sorted({u for by_unit in units.files.values() for u in by_unit})
+    out = {}
+    for name, got in targets.items():
+        values = {}
+        for unit in every:
+            value, reason = _label(got, table, unit, units, study, labels)
+            if reason is not None:
+                skipped[reason] += 1
+            elif value is not None:
+                values[unit] = value
+        out[name] = values
+    return out
 
 
 # ----------------------------------------------------------------------------- splits
 
-def _strata(subjects: list[str], targets: dict[str, _Targets], stratify) -> list[str]:
-    """One stratum per subject: its joint classification labels ("?" where missing)."""
-    unknown = [n for n in (stratify or ()) if n not in targets]
+def _strata(subjects: list[str], values: dict[str, dict], specs: dict[str, TaskSpec],
+            stratify) -> list[str]:
+    """One stratum per subject (key): its joint classification labels ("?" where missing),
+    from the subject's first labelled session."""
+    unknown = [n for n in (stratify or ()) if n not in specs]
     if unknown:
         raise ConfigError(f"stratify names {unknown}, which are not among the tasks "
-                          f"{list(targets)}", source="prepare")
+                          f"{list(specs)}", source="prepare")
+    first = {n: _first_per_subject(v) for n, v in values.items()}
+    plain = [t for t in specs if t not in _PAIRS and t not in _WITHIN]
     names = list(stratify) if stratify is not None else \
-        [t for t, g in targets.items() if g.spec.kind == "classification"
-         and t not in _PAIRS] or [t for t, g in targets.items() if g.spec.kind == "classification"]
+        [t for t in plain if specs[t].kind == "classification"] or \
+        [t for t in specs if specs[t].kind == "classification" and t not in _WITHIN]
     if stratify is None and not names:  # regression only: quartiles of the first target
-        first = next((g for g in targets.values() if g.values), None)
-        if first is None:
+        target = next((first[t] for t in plain if first[t]), None)
+        if target is None:
             return ["all"] * len(subjects)
-        cuts = np.quantile(np.array(list(first.values.values()), float), [0.25, 0.5, 0.75])
-        return [str(int(np.searchsorted(cuts, first.values[s]))) if s in first.values else "?"
+        cuts = np.quantile(np.array(list(target.values()), float), [0.25, 0.5, 0.75])
+        return [str(int(np.searchsorted(cuts, target[s]))) if s in target else "?"
                 for s in subjects]
-    return ["|".join(str(targets[n].values.get(s, "?")) for n in names) for s in subjects]
+    return ["|".join(str(first[n].get(s, "?")) for n in names) for s in subjects]
+
+
+def _first_per_subject(values: dict[tuple[str, str], object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for (key, _), value in sorted(values.items()):
+        out.setdefault(key, value)
+    return out
 
 
 def make_splits(subjects: list[str], strata: list[str], ratios, seed: int,
@@ -376,26 +243,56 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, key]))
 
 
-def _single_records(spec: TaskSpec, targets: _Targets, modality: str, files, root: Path,
-                    split: dict[str, str], study: str, seed: int, k: int) -> list[dict]:
-    rng, rows = _rng(seed, spec.name, modality), []
+@dataclass
+class _Writer:
+    """What every record builder needs: ids as written, sessions, splits, roots."""
+
+    ids: dict[str, str]  # subject key -> id as the table writes it
+    sessions: dict[tuple[str, str], str]  # unit -> session as written
+    split: dict[str, str]  # subject id -> split
+    roots: dict[str, Path]
+    study: str
+    seed: int
+    k: int  # questions per record
+
+    def sid(self, unit: tuple[str, str]) -> str:
+        return self.ids[unit[0]]
+
+    def stem(self, unit: tuple[str, str]) -> str:
+        session = self.sessions.get(unit, "")
+        return self.sid(unit) + (f"_ses-{session}" if session else "")
+
+    def image(self, modality: str, path: Path) -> dict:
+        root = self.roots[modality]
+        path = Path(path).resolve()
+        rel = path.relative_to(root) if path.is_relative_to(root) else path
+        return {"modality": modality, "path": str(rel)}
+
+    def record(self, spec: TaskSpec, unit, answer: str, images: list[dict], question: str,
+               rid: str, metadata: dict) -> dict:
+        session = self.sessions.get(unit, "")
+        rec = task_record(spec, subject_id=self.sid(unit), answer=answer, images=images,
+                          study=self.study, split=self.split[self.sid(unit)], question=question,
+                          record_id=rid, metadata={"session": session, **metadata})
+        return {**rec, "session": session}
+
+
+def _single_records(spec: TaskSpec, values: dict, modality: str, files, w: _Writer) -> list[dict]:
+    rng, rows = _rng(w.seed, spec.name, modality), []
     builtin = TASKS.get(spec.name)
     own = {} if builtin is not None and builtin.to_dict() == spec.to_dict() else \
         {"task_spec": spec.to_dict()}
-    for sid in sorted(targets.values):
-        if sid not in files or sid not in split:
+    for unit in sorted(values):
+        if unit not in files or w.sid(unit) not in w.split:
             continue
-        value = targets.values[sid]
+        value, paths = values[unit], files[unit]
         answer = spec.format_answer(value)
-        paths = files[sid]
         for j, path in enumerate(paths):
-            for q, question in enumerate(draw_questions(spec, k, rng)):
-                rid = f"{sid}_{spec.name}_{modality}" + (f"_{j + 1}" if len(paths) > 1 else "") \
-                    + (f"_q{q + 1}" if k > 1 else "")
-                rows.append(task_record(spec, subject_id=sid, answer=answer,
-                                        images=[_image_entry(modality, path, root)], study=study,
-                                        split=split[sid], question=question, record_id=rid,
-                                        metadata={"value": value, **own}))
+            for q, question in enumerate(draw_questions(spec, w.k, rng)):
+                rid = f"{w.stem(unit)}_{spec.name}_{modality}" + \
+                    (f"_{j + 1}" if len(paths) > 1 else "") + (f"_q{q + 1}" if w.k > 1 else "")
+                rows.append(w.record(spec, unit, answer, [w.image(modality, path)], question,
+                                     rid, {"value": value, **own}))
     return rows
 
 
@@ -423,29 +320,62 @@ def _partners(task: str, i: int, values: np.ndarray, rng, n: int, min_gap: float
     return out
 
 
-def _pair_records(task: str, targets: _Targets, modality: str, files, root: Path,
-                  split: dict[str, str], study: str, seed: int, k: int, per_subject: int,
+def _pair_records(task: str, values: dict, modality: str, files, w: _Writer, per_subject: int,
                   min_gap: float, skipped: Counter) -> list[dict]:
+    """Two subjects per record (their first labelled session each), drawn within one split."""
     spec, rows = _PAIRS[task], []
-    rng = _rng(seed, task, modality)
+    rng = _rng(w.seed, task, modality)
+    first: dict[str, tuple[str, str]] = {}
+    for unit in sorted(values):
+        if unit in files:
+            first.setdefault(unit[0], unit)
     for part in ("train", "val", "test"):
-        pool = sorted(s for s in targets.values if s in files and split.get(s) == part)
-        values = np.array([targets.values[s] for s in pool], dtype=object)
+        pool = [u for _, u in sorted(first.items()) if w.split.get(w.sid(u)) == part]
+        array = np.array([values[u] for u in pool], dtype=object)
         for i, a in enumerate(pool):
-            partners = _partners(task, i, values, rng, per_subject, min_gap)
+            partners = _partners(task, i, array, rng, per_subject, min_gap)
             if not partners:
                 skipped[f"{task}: no partner in split"] += 1
             for p in partners:
                 b = pool[p]
-                answer = _pair_answer(task, targets.values[a], targets.values[b])
-                images = [_image_entry(modality, files[a][0], root),
-                          _image_entry(modality, files[b][0], root)]
-                for q, question in enumerate(draw_questions(spec, k, rng)):
-                    rid = f"{a}_{b}_{task}_{modality}" + (f"_q{q + 1}" if k > 1 else "")
-                    meta = {"subjects": [a, b], "values": [targets.values[a], targets.values[b]]}
-                    rows.append(task_record(spec, subject_id=a, answer=answer, images=images,
-                                            study=study, split=part, question=question,
-                                            record_id=rid, metadata=meta))
+                answer = _pair_answer(task, values[a], values[b])
+                images = [w.image(modality, files[a][0]), w.image(modality, files[b][0])]
+                for q, question in enumerate(draw_questions(spec, w.k, rng)):
+                    rid = f"{w.stem(a)}_{w.stem(b)}_{task}_{modality}" + \
+                        (f"_q{q + 1}" if w.k > 1 else "")
+                    meta = {"subjects": [w.sid(a), w.sid(b)], "values": [values[a], values[b]]}
+                    rows.append(w.record(spec, a, answer, images, question, rid, meta))
+    return rows
+
+
+def _within_records(task: str, ages: dict, modality: str, files, w: _Writer,
+                    skipped: Counter) -> list[dict]:
+    """Two sessions of one subject per record, every pair of sessions at least
+    MIN_SESSION_GAP years apart; the image order is drawn, the answer follows from the ages."""
+    spec, rows = _WITHIN[task], []
+    rng = _rng(w.seed, task, modality)
+    by_subject: dict[str, list[tuple[str, str]]] = {}
+    for unit in sorted(ages):
+        if unit in files and w.sid(unit) in w.split:
+            by_subject.setdefault(unit[0], []).append(unit)
+    for _, units in sorted(by_subject.items()):
+        pairs = [(a, b) for i, a in enumerate(units) for b in units[i + 1:]
+                 if abs(ages[a] - ages[b]) >= MIN_SESSION_GAP]
+        if len(units) > 1 and not pairs:
+            skipped[f"{task}: sessions less than {MIN_SESSION_GAP} years apart"] += 1
+        for a, b in pairs:
+            if rng.random() < 0.5:
+                a, b = b, a
+            gap = abs(ages[a] - ages[b])
+            answer = ("first" if ages[a] > ages[b] else "second") if task == "session_order" \
+                else spec.format_answer(gap)
+            images = [w.image(modality, files[a][0]), w.image(modality, files[b][0])]
+            for q, question in enumerate(draw_questions(spec, w.k, rng)):
+                rid = f"{w.stem(a)}_{w.sessions.get(b, '')}_{task}_{modality}" + \
+                    (f"_q{q + 1}" if w.k > 1 else "")
+                meta = {"sessions": [w.sessions.get(a, ""), w.sessions.get(b, "")],
+                        "ages": [ages[a], ages[b]], "task_spec": spec.to_dict()}
+                rows.append(w.record(spec, a, answer, images, question, rid, meta))
     return rows
 
 
@@ -454,98 +384,103 @@ def _pair_records(task: str, targets: _Targets, modality: str, files, root: Path
 def _check_arguments(tasks, ratios, questions_per_record, pairs_per_subject) -> None:
     problems = []
     if not tasks:
-        problems.append("no tasks: pass e.g. tasks=['sex', 'age']")
+        problems.append("no tasks: pass e.g. --tasks sex,age")
     if len(set(tasks)) != len(tasks):
-        problems.append(f"a task is named twice in {tasks}")
+        problems.append(f"a task is named twice in --tasks {','.join(tasks)}")
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
-        problems.append(f"ratios {tuple(ratios)} must be three non-negative numbers summing to 1")
+        problems.append(f"--ratios {','.join(map(str, ratios))} must be three non-negative "
+                        "numbers summing to 1")
     if questions_per_record < 1 or pairs_per_subject < 1:
         problems.append("questions_per_record and pairs_per_subject must be 1 or more")
     if problems:
         raise ConfigError(problems, source="prepare")
 
 
-def _unique_rows(table: pd.DataFrame, column: str, skipped: Counter) -> pd.DataFrame:
-    missing = table[column].isna()
-    if missing.any():
-        skipped["subject id missing"] += int(missing.sum())
-    table = table[~missing]
-    dup = table[column].duplicated(keep="first")
-    if dup.any():
-        skipped["duplicate subject row (first kept)"] += int(dup.sum())
-    return table[~dup]
-
-
-def prepare(phenotype: Path, out_dir: Path, *, tasks: list[str],
+def prepare(phenotype: Path | list[Path], out_dir: Path, *, tasks: list[str],
             images: dict[str, str] | None = None, bids_root: Path | None = None, study: str,
-            subject_column: str | None = None, ratios=(0.7, 0.15, 0.15), seed: int = 12345,
+            subject_column: str | None = None, session_column: str | None = None,
+            ratios=(0.7, 0.15, 0.15), seed: int = 12345,
             questions_per_record: int = 1, image_root: Path | None = None,
             columns: dict[str, str] | None = None, labels: dict[str, dict] | None = None,
             categorical: tuple[str, ...] | list[str] = (),
             ranges: dict[str, tuple[float | None, float | None]] | None = None,
             age_unit: str | None = None, sex_coding: dict | None = None,
+            sex_column: str | None = None, age_column: str | None = None,
             study_overrides: dict | None = None, stratify: list[str] | None = None,
             pairs_per_subject: int = 1, min_age_gap: float = 1.0,
             splits_file: Path | None = None) -> PrepareSummary:
-    """Write records for ``tasks`` (sex, age, bmi, diagnosis, compare_sex, compare_age or any
-    phenotype column) and return what was written and skipped. See the module docstring."""
+    """Write records for ``tasks`` (sex, age, bmi, diagnosis, compare_sex, compare_age,
+    session_order, session_gap or any phenotype column) and return what was written and
+    skipped. ``phenotype`` may list several tables (e.g. ABCD 5.x's ``abcd_y_lt`` and
+    ``abcd_p_demo``): rows join on the subject and, where both have it, the session column; a
+    column found in several tables comes from the first. See the module docstring."""
     _check_arguments(tasks, ratios, questions_per_record, pairs_per_subject)
     columns, labels, ranges = dict(columns or {}), dict(labels or {}), dict(ranges or {})
-    phenotype, out_dir = Path(phenotype), Path(out_dir)
+    tables = [Path(p) for p in phenotype] if isinstance(phenotype, list | tuple) else \
+        [Path(phenotype)]
+    phenotype, out_dir = (tables if len(tables) > 1 else tables[0]), Path(out_dir)
     info = resolve_study(study, study_overrides, subject_column=subject_column,
-                         age_unit=age_unit, sex_coding=sex_coding)
-    table, sid_col = read_phenotype(phenotype, subject_column or _table_subject(phenotype, info))
+                         age_unit=age_unit, sex_coding=sex_coding, sex_column=sex_column,
+                         age_column=age_column)
+    names = table_columns(phenotype)
     skipped: Counter = Counter()
-    table = _unique_rows(table, sid_col, skipped)
-    subjects = sorted(table[sid_col])
-    root = Path(image_root or phenotype.parent).resolve()
-    files, roots = find_images(subjects, images=images, bids_root=bids_root, image_root=root)
-    targets = {t: task_targets(t, table, sid_col, info, columns=columns, labels=labels,
+    table = read_table(phenotype, subject_column or
+                       (info.subject_column if info.subject_column in names else None),
+                       session_column_for(names, session_column, info), skipped)
+    root = Path(image_root or tables[0].parent).resolve()
+    found, roots = collect_images(images, bids_root, root)
+    targets = {t: task_targets(t, table, info, columns=columns, labels=labels,
                                categorical=categorical, ranges=ranges) for t in tasks}
-    for name, got in targets.items():
+    for got in targets.values():
         skipped.update(got.skipped)
         if not got.values:
-            top = got.skipped.most_common(1)
-            raise ConfigError(f"task {name!r}: no usable row ({top[0][0]} x{top[0][1]})"
-                              if top else f"task {name!r}: the table has no rows",
-                              source="prepare")
-    for modality, by_subject in files.items():
-        if len(by_subject) < len(subjects):
-            skipped[f"no {modality} image"] += len(subjects) - len(by_subject)
-    usable = sorted({s for g in targets.values() for s in g.values}
-                    & {s for f in files.values() for s in f})
+            raise no_usable_rows(got, info)
+    matching = {m: match_ids(m, table.ids, {f.key[0]: f.subject for f in reversed(fs)})
+                for m, fs in found.items()}
+    for modality, match in matching.items():
+        if match.matched < match.table_ids:
+            skipped[f"no {modality} image"] += match.table_ids - match.matched
+    units = _group(found, table)
+    values = _labels(targets, table, units, info, labels, skipped)
+    usable = sorted({u[0] for v in values.values() for u in v})
     if not usable:
-        raise ConfigError("no subject has both a usable phenotype value and an image; "
-                          + _where_images_were_sought(subjects, images, bids_root, root, sid_col),
-                          source="prepare")
-    split = make_splits(usable, _strata(usable, targets, stratify), ratios, seed,
-                        _read_splits(splits_file))
-    pairs = {"k": questions_per_record, "per_subject": pairs_per_subject, "min_gap": min_age_gap}
-    written, counts, used = _write_records(out_dir, targets, files, roots, split, info.name, seed,
-                                           pairs, skipped)
+        raise ConfigError("no subject has both a usable phenotype value and an image; " +
+                          _where(table, images, bids_root, root, matching), source="prepare")
+    ids = [table.ids[k] for k in usable]
+    split = make_splits(ids, _strata(usable, values, {n: g.spec for n, g in targets.items()},
+                                     stratify), ratios, seed, _read_splits(splits_file))
+    writer = _Writer(table.ids, units.sessions, split, {m: Path(r) for m, r in roots.items()},
+                     info.name, seed, questions_per_record)
+    pairs = {"per_subject": pairs_per_subject, "min_gap": min_age_gap}
+    written, counts, used = _write_records(out_dir, targets, values, units, writer, pairs,
+                                           skipped)
     splits_path = atomic_write_json(out_dir / SPLITS_FILE, used)
-    summary = PrepareSummary(out_dir, written, counts, dict(Counter(used.values())),
-                             dict(sorted(skipped.items())), {m: str(r) for m, r in roots.items()},
-                             splits_path, {n: g.spec.to_dict() for n, g in targets.items()},
-                             {k: v for g in targets.values() for k, v in g.examples.items()})
+    summary = PrepareSummary(
+        out_dir, written, counts, dict(Counter(used.values())), dict(sorted(skipped.items())),
+        {m: str(r) for m, r in roots.items()}, splits_path,
+        {n: (_WITHIN[n] if n in _WITHIN else g.spec).to_dict() for n, g in targets.items()},
+        {k: v for g in targets.values() for k, v in g.examples.items()},
+        {m: match.to_dict() for m, match in matching.items()},
+        {m: len({u[1] for u in by_unit if u[1]}) for m, by_unit in units.files.items()})
     atomic_write_json(out_dir / SUMMARY_FILE, summary.to_dict())
     return summary
 
 
-def _write_records(out_dir: Path, targets: dict[str, _Targets], files, roots, split, study: str,
-                   seed: int, pairs: dict, skipped: Counter):
+def _write_records(out_dir: Path, targets: dict[str, Targets], values: dict, units: _Units,
+                   w: _Writer, pairs: dict, skipped: Counter):
     """One JSONL per (task, modality) with records; returns (files, counts per split,
     {subject: split} of the subjects that appear in a record)."""
     written, counts, seen = {}, {}, set()
     for name, got in targets.items():
-        for modality in sorted(files):
+        for modality in sorted(units.files):
+            files = units.files[modality]
             if name in _PAIRS:
-                rows = _pair_records(name, got, modality, files[modality], roots[modality], split,
-                                     study, seed, pairs["k"], pairs["per_subject"],
-                                     pairs["min_gap"], skipped)
+                rows = _pair_records(name, values[name], modality, files, w,
+                                     pairs["per_subject"], pairs["min_gap"], skipped)
+            elif name in _WITHIN:
+                rows = _within_records(name, values[name], modality, files, w, skipped)
             else:
-                rows = _single_records(got.spec, got, modality, files[modality], roots[modality],
-                                       split, study, seed, pairs["k"])
+                rows = _single_records(got.spec, values[name], modality, files, w)
             if not rows:
                 continue
             key = f"{name}_{modality}"
@@ -553,17 +488,24 @@ def _write_records(out_dir: Path, targets: dict[str, _Targets], files, roots, sp
             counts[key] = dict(Counter(r["split"] for r in rows))
             seen.update(s for r in rows
                         for s in r.get("metadata", {}).get("subjects", [r["subject_id"]]))
-    return written, counts, {s: split[s] for s in sorted(seen)}
+    return written, counts, {s: w.split[s] for s in sorted(seen)}
 
 
-def _table_subject(phenotype: Path, info) -> str | None:
-    """The study's subject column when the table has it, else None (auto-detect)."""
-    sep = "\t" if phenotype.suffix.lower() in (".tsv", ".txt") else ","
-    try:
-        head = pd.read_csv(phenotype, sep=sep, nrows=0)
-    except (OSError, pd.errors.ParserError):
-        return None
-    return info.subject_column if info.subject_column in head.columns else None
+def _where(table: Table, images: dict | None, bids_root: Path | None, root: Path,
+           matching: dict) -> str:
+    """What to check when nothing matched: the id matching and the first subject's paths."""
+    first = next(iter(table.ids.values()), "<none>")
+    parts = [f"subject column {table.subject_column!r} (first id {first!r}; fix "
+             "--subject-column)"]
+    parts += [m.describe() for m in matching.values()]
+    for modality, pattern in (images or {}).items():
+        parts.append(f"{modality} pattern {pattern!r} looked for "
+                     f"{example_path(pattern, first, root)} (relative patterns start from the "
+                     "image root: the phenotype table's folder unless --image-root / "
+                     "image_root= is given)")
+    if bids_root is not None:
+        parts.append(f"BIDS root {bids_root} (sub-<label>/[ses-*/]anat|func|dwi)")
+    return "check " + "; ".join(parts)
 
 
 def _read_splits(path: Path | None) -> dict[str, str]:
@@ -580,5 +522,5 @@ def _read_splits(path: Path | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-__all__ = ["PrepareSummary", "prepare", "discover_bids", "find_images", "make_splits",
-           "read_phenotype", "resolve_study", "task_targets", "TASKS"]
+__all__ = ["MODALITIES", "PrepareSummary", "prepare", "discover_bids", "make_splits",
+           "resolve_study", "subject_key", "TASKS"]

@@ -10,7 +10,8 @@ Three kinds of task:
 - ``free``: any non-empty text (scored by exact match).
 
 Comparison tasks (``compare_sex``, ``compare_age``) are classification tasks over two images
-(``n_images=2``). Answers are written in one fixed form (:meth:`TaskSpec.format_answer`):
+(``n_images=2``) of two subjects; the within-subject tasks (``session_order``: which scan is
+later?, ``session_gap``: how many years apart?) take two sessions of one subject. Answers are written in one fixed form (:meth:`TaskSpec.format_answer`):
 ``"female"``, ``"12.4 years"``, ``"first"``, ``"same"``. A parse of ``None`` counts as wrong.
 """
 
@@ -200,7 +201,36 @@ COMPARE_AGE = TaskSpec(
     options=("first", "second"), synonyms=(("1st", "first"), ("2nd", "second")), n_images=2,
 )
 
+# Within-subject tasks: two scans of ONE subject from two sessions (longitudinal cohorts: ABCD
+# visits, UK Biobank imaging instances 2 and 3). The answer comes from the ages at the sessions.
+SESSION_ORDER = TaskSpec(
+    name="session_order",
+    kind="classification",
+    questions=(
+        "These two scans are of the same subject. Which scan is later, the first or the second?",
+        "Both scans show one person at two visits. Which was acquired later? Answer first or "
+        "second.",
+        "Same subject, two sessions: is the first or the second scan the later one?",
+    ),
+    options=("first", "second"), synonyms=(("1st", "first"), ("2nd", "second")), n_images=2,
+)
+
+SESSION_GAP = TaskSpec(
+    name="session_gap",
+    kind="regression",
+    questions=(
+        "These two scans are of the same subject. How many years apart were they taken?",
+        "Both scans show one person at two visits. How much time passed between them, in years?",
+        "Same subject, two sessions: how many years separate the scans?",
+    ),
+    unit="years", units=AGE_UNITS, low=0.0, high=50.0, decimals=1, n_images=2,
+    label="years between the scans",
+)
+
 TASKS = {t.name: t for t in (SEX, AGE, BMI, COMPARE_SEX, COMPARE_AGE)}
+# Kept apart from TASKS, whose phrasings train every run's tokenizer: adding these would change
+# the tokenizer (and the pinned losses) of runs that never ask them. Looked up like TASKS.
+WITHIN_SUBJECT_TASKS = {t.name: t for t in (SESSION_ORDER, SESSION_GAP)}
 
 
 def known_units() -> list[str]:
@@ -210,7 +240,7 @@ def known_units() -> list[str]:
 
 def get_task(name: str) -> TaskSpec | None:
     """The built-in task spec for a record's ``task`` field; None for tasks not defined here."""
-    return TASKS.get(name)
+    return TASKS.get(name) or WITHIN_SUBJECT_TASKS.get(name)
 
 
 def task_for_record(name: str, metadata: dict | None = None) -> TaskSpec | None:
@@ -218,9 +248,9 @@ def task_for_record(name: str, metadata: dict | None = None) -> TaskSpec | None:
     the built-in one, else None (a free-text task)."""
     spec = (metadata or {}).get("task_spec")
     if isinstance(spec, dict):
-        builtin = TASKS.get(name)
+        builtin = get_task(name)
         return TaskSpec.from_dict(spec, builtin.questions if builtin else ())
-    return TASKS.get(name)
+    return get_task(name)
 
 
 def task_for_question(question: str) -> TaskSpec | None:
