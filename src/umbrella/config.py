@@ -35,8 +35,9 @@ class ModalityConfig:
     image_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     patch_size: list[int] = field(default_factory=lambda: [16, 16, 16])
     voxel_size: list[float] | None = None  # resample to this spacing (mm) before fitting the shape
-    # without voxel_size, crop_pad resamples to field_of_view / image_size mm (96 -> 2.1 mm): the
-    # input covers this many mm of the head at any file spacing; null keeps the file's spacing
+    # without voxel_size, crop_pad resamples to field_of_view / max(image_size) mm, isotropic
+    # (96 -> 2.1 mm): the input's longest axis covers this many mm of the head at any file
+    # spacing; null keeps the file's spacing
     field_of_view: float | None = 201.6
     spatial: str = "crop_pad"  # crop_pad | resize
     normalize: str = "zscore_brain"  # zscore_brain | percentile | none

@@ -97,12 +97,13 @@ class VolumeSpec:
 
     def target_spacing(self) -> tuple[float, float, float] | None:
         """The spacing (mm) volumes are resampled to before fitting: ``voxel_size``, else for
-        crop_pad ``field_of_view / image_size`` per axis, else None (keep the file's)."""
+        crop_pad ``field_of_view / max(image_size)`` on every axis (isotropic: the longest axis
+        of the input spans ``field_of_view``), else None (keep the file's)."""
         if self.voxel_size is not None:
             return self.voxel_size
         if self.field_of_view is None or self.spatial != "crop_pad":
             return None
-        return tuple(self.field_of_view / n for n in self.image_size)
+        return (self.field_of_view / max(self.image_size),) * 3
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (lists instead of tuples); an unset field_of_view is left out,

@@ -164,12 +164,14 @@ def _triple(size) -> list[int]:
 def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
                 seed: int, overrides: list[str], *, modalities=("T1",), aux_size=48,
                 aux_patch: int = 8, sequence_length: int = 8,
-                steps: int | None = None) -> UmbrellaConfig:
+                steps: int | None = None, voxel: float | None = None,
+                aux_voxel: float | None = None) -> UmbrellaConfig:
     """The demo's config: T1 ``image_size`` (an int for a cube, or 3 ints) / ``patch``; rsfMRI
     and dMRI ``aux_size`` / ``aux_patch`` (rsfMRI windows of ``sequence_length`` frames, one time
     patch per window, window starts every 4 frames); proportional modality mixing; ``steps``
     default: 200 for T1 alone, 100 per modality for several. ``records``: one file for every
-    modality, or {modality: [files]}."""
+    modality, or {modality: [files]}. ``voxel`` / ``aux_voxel``: read the images at this
+    spacing (mm; the cohort's own), instead of the config's default field of view."""
     size, aux = _triple(image_size), _triple(aux_size)
     files = records if isinstance(records, dict) else {m: [records] for m in modalities}
     sections = {
@@ -182,6 +184,9 @@ def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
         "dMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                  f"patch_size=[{aux_patch},{aux_patch},{aux_patch}]", "dmri_map=FA"],
     }
+    for m, v in (("T1", voxel), ("rsfMRI", aux_voxel), ("dMRI", aux_voxel)):
+        if v is not None:
+            sections[m].append(f"voxel_size=[{v},{v},{v}]")
     base = []
     for m in modalities:
         listed = ",".join(str(f) for f in files[m])
@@ -334,7 +339,8 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
                         f"({t['note']})")
     cfg = demo_config(out, files, built.root, image_size, patch, seed, list(overrides),
                       modalities=used, aux_size=aux_size, aux_patch=aux_patch,
-                      sequence_length=sequence_length, steps=steps)
+                      sequence_length=sequence_length, steps=steps,
+                      **({} if cohort == "basic" else {"voxel": voxel, "aux_voxel": aux_voxel}))
     save_config(cfg, out / "demo.yaml")
     return DemoPlan(built, files, cfg, out / "demo.yaml", used, truth)
 
