@@ -478,7 +478,7 @@ def add_reference(summary: dict, model_rows: list[dict], train: list[Record] | N
     return {"cache_dir": str(cache_dir), "feature_version": FEATURE_VERSION,
             "features_computed": ref.computed, "features_reused": ref.reused,
             "seconds": round(ref.seconds, 2),
-            "skipped": {f"{t}/{g}": why for (t, g), why in sorted(ref.skipped.items())}}
+            "skipped_groups": {f"{t}/{g}": why for (t, g), why in sorted(ref.skipped.items())}}
 
 
 # ------------------------------------------------------------------------------------ truth files
