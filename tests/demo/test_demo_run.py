@@ -39,6 +39,8 @@ def test_demo_three_modalities_small(tmp_path):
                       progress=False, log=lines.append)
     text = "\n".join(lines)
     assert "held-out sex accuracy by modality: T1 " in text and "| rsfMRI " in text
+    assert "verdict rsfMRI: " in text and "reference rsfMRI features: connectivity" in text
+    assert "| rsfMRI reference | 4 |" in (result.eval_dir / "report.md").read_text()
     assert set(result.per_modality) == {"T1", "rsfMRI", "dMRI"}
     rows = [json.loads(x) for x in (result.eval_dir / "predictions.jsonl").read_text().splitlines()]
     test_subjects = {r["subject_id"] for r in rows}

@@ -299,6 +299,8 @@ def test_free_text_and_untrained_groups_are_named_not_dropped(trained_run, tiny_
                             bootstrap=0, plots=False)
     assert none.metrics["reference"] == {"skipped": "no training split records were given to "
                                                     "fit it on"}
+    assert "The reference is a linear model" not in (tmp_path / "n" / "report.md").read_text()
+    assert "The reference is a linear model" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_planted_connectivity_is_recovered_from_rsfmri(tmp_path, monkeypatch):

@@ -206,7 +206,7 @@ class Fit:
 
 
 def _folds(kind: str, y: list, groups: list[str]):
-    """(splitter, n_splits, description) or a reason string when CV is impossible."""
+    """(splitter, description) or the reason why cross-validation is impossible."""
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
     units = dict(zip(groups, y, strict=True))
@@ -219,10 +219,10 @@ def _folds(kind: str, y: list, groups: list[str]):
         n = min(MAX_FOLDS, min(counts.values()))
         if n < 2:
             return f"a class has a single training subject ({counts})"
-        return StratifiedGroupKFold(n, shuffle=True, random_state=0), n, \
+        return StratifiedGroupKFold(n, shuffle=True, random_state=0), \
             f"{n}-fold StratifiedGroupKFold by subject"
     n = min(MAX_FOLDS, len(units))
-    return GroupKFold(n), n, f"{n}-fold GroupKFold by subject"
+    return GroupKFold(n), f"{n}-fold GroupKFold by subject"
 
 
 def fit_group(task: TaskSpec, modalities: str, X: np.ndarray, y: list, groups: list[str],
@@ -238,7 +238,7 @@ def fit_group(task: TaskSpec, modalities: str, X: np.ndarray, y: list, groups: l
     folds = _folds(task.kind, y, groups)
     if isinstance(folds, str):
         return folds
-    splitter, _, cv_text = folds
+    splitter, cv_text = folds
     splits = list(splitter.split(X, y, groups))
     if task.kind == "classification":
         head = LogisticRegressionCV(Cs=list(CS), cv=splits, scoring="neg_log_loss", max_iter=2000)
@@ -253,7 +253,10 @@ def fit_group(task: TaskSpec, modalities: str, X: np.ndarray, y: list, groups: l
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         model.fit(X, np.asarray(y) if task.kind == "classification" else np.asarray(y, float))
-    reg = {"C": float(np.ravel(head.C_)[0])} if task.kind == "classification" else {"alpha": float(head.alpha_)}
+    if task.kind == "classification":
+        reg = {"C": float(np.ravel(head.C_)[0])}
+    else:
+        reg = {"alpha": float(head.alpha_)}
     return Fit(task.name, modalities, task.kind, model, reg, len(set(groups)), len(y), X.shape[1],
                features, cv_text)
 
@@ -269,10 +272,10 @@ def _group_name(rec: Record) -> str:
 
 
 def _features_text(store: FeatureStore, rec: Record) -> str:
-    parts = [f"{im.modality}: {describe_features(store.inputs[im.modality])}" for im in rec.images]
-    text = "; ".join(dict.fromkeys(parts))
     if len(rec.images) == 1:
         return describe_features(store.inputs[rec.images[0].modality])
+    parts = [f"{im.modality}: {describe_features(store.inputs[im.modality])}" for im in rec.images]
+    text = "; ".join(dict.fromkeys(parts))
     if rec.metadata.get("subjects") and len(rec.images) == 2:
         return f"[a - b, |a - b|] of the two scans' features ({text})"
     return text
@@ -478,7 +481,7 @@ def add_reference(summary: dict, model_rows: list[dict], train: list[Record] | N
     return {"cache_dir": str(cache_dir), "feature_version": FEATURE_VERSION,
             "features_computed": ref.computed, "features_reused": ref.reused,
             "seconds": round(ref.seconds, 2),
-            "skipped": {f"{t}/{g}": why for (t, g), why in sorted(ref.skipped.items())}}
+            "skipped_groups": {f"{t}/{g}": why for (t, g), why in sorted(ref.skipped.items())}}
 
 
 # ------------------------------------------------------------------------------------ truth files

@@ -176,8 +176,14 @@ def _group_section(title: str, groups: dict) -> list[str]:
         first = next(iter(by.values()))
         keys = _CLASSIFICATION if _kind(first) == "classification" else _REGRESSION
         head = [title, "n"] + [label for _, label in keys] + ["parse fail"]
-        rows = [[g, str(m["n"])] + [f"{_fmt(m.get(k))} {_ci(m, k)}" for k, _ in keys]
-                + [_fmt(m.get("parse_failure_rate"))] for g, m in by.items()]
+        rows = []
+        for g, m in by.items():
+            rows.append([g, str(m["n"])] + [f"{_fmt(m.get(k))} {_ci(m, k)}" for k, _ in keys]
+                        + [_fmt(m.get("parse_failure_rate"))])
+            ref = _reference(m)
+            if ref:  # the classical reference of this group, on the same subjects
+                rows.append([f"{g} reference", str(ref["n"])]
+                            + [f"{_fmt(ref.get(k))} {_ci(ref, k)}" for k, _ in keys] + [""])
         lines += ["", f"### {name} by {title}", ""] + _md_table(head, rows)
     return lines
 
@@ -229,7 +235,7 @@ def write_report(metrics: dict, path: Path, run_dir: Path | None = None) -> Path
               "- Baselines are a constant predictor: the majority class (classification) or the "
               "mean (regression), taken from the training split where marked `from train`, "
               "otherwise from the evaluated split itself (which flatters the baseline slightly)."]
-    if metrics.get("reference"):
+    if "cache_dir" in metrics.get("reference", {}):  # fitted (not skipped as a whole)
         lines += ["- The reference is a linear model (ridge regression / L2 logistic regression) "
                   "on coarse features of the same preprocessed inputs the model saw (pooled "
                   "voxels; connectivity of coarse regions for rsfMRI), fitted on the training "
