@@ -384,7 +384,11 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
                               batch_size=cfg.evaluation.batch_size, run_dir=trained.run_dir,
                               progress=progress, baseline_records=splits.get("train"),
                               windows=cfg.dataset.rsfMRI.eval_windows,
-                              with_reference=cfg.evaluation.reference, truth=cfg.evaluation.truth)
+                              regression=cfg.evaluation.regression,
+                              regression_step=cfg.evaluation.regression_step,
+                              with_reference=cfg.evaluation.reference,
+                              truth=cfg.evaluation.truth or (plan.cohort.root / "truth.json"
+                                                             if plan.truth else None))
     log(metrics_table(result.metrics))
     per_modality = per_modality_accuracy(result.metrics, result.predictions, used)
     log(_accuracy_line(per_modality))
@@ -394,6 +398,7 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
     log(f"      run folder: {trained.run_dir}\n      model:      {trained.model_dir}\n"
         f"      report:     {result.out_dir / 'report.md'}\n"
         f"      metrics:    {result.out_dir / 'metrics.json'}")
-    log(f"      look at the scans and ask in a browser:\n        {serve_command(trained.run_dir, result.out_dir, cohort.root, used)}")
+    serve = serve_command(trained.run_dir, result.out_dir, plan.cohort.root, used)
+    log(f"      look at the scans and ask in a browser:\n        {serve}")
     return DemoResult(trained.run_dir, trained.model_dir, result.out_dir, result.metrics,
                       question, answer, truth, time.time() - start, per_modality, answers)
