@@ -2,6 +2,7 @@
 # The GPU check, run once on a CUDA machine from the repository root:
 #   benchmarks/gpu_check.sh [OUTDIR]
 # 1. benchmarks.gpu_step --quick: step speed per modality, budget and precision, peak memory;
+#    benchmarks.gpu_mfu: the 0.5b preset's tokens/s, peak memory and MFU per batch size;
 # 2. the three-modality quick demo end to end on the GPU (bf16 training, evaluation, ask);
 # 3. the test suite with CUDA visible (every path that picks the GPU when there is one).
 # Where the project is not installed, wheels in .whl/ are installed into /tmp/site first.
@@ -35,6 +36,7 @@ step() {  # step NAME CMD...: run, keep the log, time it, remember a failure
     [ "$rc" -eq 0 ] || status=1
 }
 step gpu_step "$py" -m benchmarks.gpu_step --quick
+step gpu_mfu "$py" -m benchmarks.gpu_mfu --batches 1,4,16,32,64,128,256
 step demo "$py" -m umbrella demo --quick --modalities T1,rsfMRI,dMRI --out "$scratch/demo"
 step tests timeout 250 "$py" -m pytest -q -m "not slow" -p no:cacheprovider tests
 exit $status

@@ -351,10 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _LATER:
             raise NotImplementedYet(f"`umbrella {args.command}` ({_LATER[args.command]}) is not "
                                     "implemented yet in this version")
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
     except UmbrellaError as exc:
         print(f"umbrella {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, NotImplementedYet) else 1
+    if code == 0:  # a finished torchrun / deepspeed worker ends here, in step with its peers
+        from umbrella.training.launch import finish_worker
+
+        finish_worker(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ class Preset:
     text_layers: int
     text_heads: int
     text_kv_heads: int
+    vision_intermediate_size: int | None = None  # None: 4 × vision_hidden_size
+    text_intermediate_size: int | None = None  # None: 4 × text_hidden_size
+    # rows of the LM's embedding and output tables; None: the tokenizer's size. Never fewer rows
+    # than the tokenizer has; extra rows stay unused (Qwen2 likewise pads 151,646 tokens to 151,936)
+    text_vocab_size: int | None = None
+    tie_word_embeddings: bool = False  # output layer shares the input embedding table
+    rope_theta: float = 10000.0
 
 
 def tiny() -> Preset:
@@ -56,7 +63,17 @@ def small() -> Preset:
     return Preset(384, 6, 6, 512, 8, 8, 4)
 
 
-PRESETS = {"tiny": tiny, "small": small}
+def qwen2_half_b() -> Preset:
+    """A 0.5B-class model, random init: the LM has Qwen2-0.5B's shape (hidden 896, 24 layers, 14
+    query / 2 key-value heads, MLP 4864, vocabulary 151,936, tied embeddings, RoPE base 10^6; about
+    494 M parameters) and the tower SigLIP-base's encoder (hidden 768, 12 layers, 12 heads, MLP
+    3072; about 85 M). Sized for one GPU with bf16, SDPA and gradient checkpointing, or ZeRO-2/3."""
+    return Preset(768, 12, 12, 896, 24, 14, 2, vision_intermediate_size=3072,
+                  text_intermediate_size=4864, text_vocab_size=151936, tie_word_embeddings=True,
+                  rope_theta=1_000_000.0)
+
+
+PRESETS = {"tiny": tiny, "small": small, "0.5b": qwen2_half_b}
 
 
 def resolve_preset(cfg: ModelConfig) -> Preset:
@@ -144,24 +161,28 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                          "implemented yet; leave model.base unset to build from model.preset")
     pool = normalize_token_pool(token_pool)
     p = resolve_preset(cfg)
-    vision = BrainViTConfig(hidden_size=p.vision_hidden_size, intermediate_size=4 * p.vision_hidden_size,
+    vision = BrainViTConfig(hidden_size=p.vision_hidden_size,
+                            intermediate_size=p.vision_intermediate_size or 4 * p.vision_hidden_size,
                             num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
                             modalities=with_patch_embed(cfg, modalities))
     for name, spec in vision.modalities.items():  # checked geometry; raises if the pool misfits
         pooled_tokens(spec, pool, name)
     if seed is not None:
         torch.manual_seed(seed)
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=p.text_hidden_size,
-                       intermediate_size=4 * p.text_hidden_size, num_hidden_layers=p.text_layers,
+    text = Qwen2Config(vocab_size=max(len(tokenizer), p.text_vocab_size or 0),
+                       hidden_size=p.text_hidden_size, rope_theta=p.rope_theta,
+                       intermediate_size=p.text_intermediate_size or 4 * p.text_hidden_size,
+                       num_hidden_layers=p.text_layers,
                        num_attention_heads=p.text_heads, num_key_value_heads=p.text_kv_heads,
                        max_position_embeddings=max(2048, cfg.max_length),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       bos_token_id=None, tie_word_embeddings=False)
+                       bos_token_id=None, tie_word_embeddings=p.tie_word_embeddings)
     extra = {"vision_token_pool": list(pool)} if pool is not None else {}
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_select_strategy="full",
-                         vision_feature_layer=-1, tie_word_embeddings=False, **extra)
+                         vision_feature_layer=-1, tie_word_embeddings=p.tie_word_embeddings,
+                         **extra)
     model = BrainLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
