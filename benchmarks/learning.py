@@ -116,7 +116,7 @@ def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablat
             "reference_ci": _ci(ref, metric),
             "verdict": (ref.get("comparison") or {}).get("verdict"),
             "baseline": _value(m.get("baseline"), metric),
-            "achievable": (m.get("achievable") or {}).get("achievable")
+            "achievable": (m.get("achievable") or {}).get("value")
             if isinstance(m.get("achievable"), dict) else m.get("achievable"),
             "method": (result.metrics.get("regression") or {}).get("method")
             if task == "age" else "likelihood"}
