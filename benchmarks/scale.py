@@ -3,9 +3,10 @@
 A synthetic UKB-style cohort (phenotype CSV with ``eid``, ``31-0.0`` sex, ``21003-2.0`` age) with
 one T1 per subject and an rsfMRI run for one subject in eight (5,000 at 40,000). Images are tiny
 but real NIfTI files: one 8³ int16 T1 and one 8³ x F rsfMRI run (F = one window of the default
-``dataset.rsfMRI``) written once and hard-linked under every subject's name, so every record
-points at its own path, every stat and header read happens, and building 45,000 files takes
-seconds. What is timed, per scale, each stage in its own forked process (its peak RSS is that
+``dataset.rsfMRI``) written once and copied under every subject's name with its first voxels
+set to the subject's index (distinct content: the validator reports one scan under two subject
+ids), so every record points at its own file, every stat and header read happens, and building
+45,000 files takes seconds. What is timed, per scale, each stage in its own forked process (its peak RSS is that
 process's ``ru_maxrss``):
 
     prepare          tasks.prepare.prepare: CSV + image patterns -> records, splits
@@ -27,6 +28,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,13 @@ from benchmarks import common  # noqa: E402
 
 FMRI_EVERY = 8  # one subject in eight has rsfMRI: 5,000 of 40,000
 STAGES = ("prepare", "validate", "cache_index", "dataset_start", "sampler_epoch")
+
+
+def _write_distinct(blob: bytearray, offset: int, index: int, path: Path) -> None:
+    """The source image's bytes with its first two int16 voxels set to ``index``: every subject
+    has its own content (the validator reports one scan under two subject ids as a leak)."""
+    blob[offset:offset + 4] = struct.pack("<hh", index & 0x7FFF, index >> 15)
+    path.write_bytes(blob)
 
 
 def build_cohort(root: Path, n: int) -> Path:
@@ -61,11 +70,13 @@ def build_cohort(root: Path, n: int) -> Path:
     nib.save(nib.Nifti1Image(rng.integers(0, 1000, (8, 8, 8, frames), dtype=np.int16),
                              np.diag([12, 12, 12, 1])), fmri)
     rows = ["eid,31-0.0,21003-2.0"]
+    t1_blob, fmri_blob = bytearray(t1.read_bytes()), bytearray(fmri.read_bytes())
+    offset = int(nib.load(t1).dataobj.offset)
     for i in range(n):
         eid = str(1_000_000 + i)
-        os.link(t1, root / "t1" / f"{eid}.nii")
+        _write_distinct(t1_blob, offset, i, root / "t1" / f"{eid}.nii")
         if i % FMRI_EVERY == 0:
-            os.link(fmri, root / "func" / f"{eid}.nii")
+            _write_distinct(fmri_blob, offset, i, root / "func" / f"{eid}.nii")
         rows.append(f"{eid},{i % 2},{45 + i % 35}")
     (root / "phenotype.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -237,7 +248,7 @@ def main(argv=None) -> dict:
              results[small][s]["peak_rss_mib"], results[large][s]["peak_rss_mib"], rss[s]]
             for s in stages]
     config = {"mode": opts.mode, "subjects": [small, large], "fmri_every": FMRI_EVERY,
-              "images": "tiny real NIfTI (8^3 T1, 8^3 x one-window rsfMRI), hard links of one file"}
+              "images": "tiny real NIfTI (8^3 T1, 8^3 x one-window rsfMRI), copies of one file with distinct first voxels"}
     payload = {"stages": {str(n): r for n, r in results.items()}, "time_ratio": ratios,
                "peak_rss_ratio": rss, "checks": checks, "targets": targets}
     return common.emit("scale", config, payload,

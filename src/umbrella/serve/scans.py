@@ -35,7 +35,7 @@ from umbrella.data.dmri import _is_series, compute_scalar_map, find_gradients
 from umbrella.data.fmri import _brain_box, _crop_start, take_window
 from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import ImageRef
-from umbrella.data.volumes import read_canonical, resample_to_spacing
+from umbrella.data.volumes import head_windows, read_canonical, resample_to_spacing
 from umbrella.errors import UmbrellaError, VolumeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -121,24 +121,27 @@ def _resampled_affine(affine, shape_in, shape_out) -> np.ndarray:
 
 def model_input_affine(mean: np.ndarray, affine: np.ndarray, spec: ModalityInput) -> np.ndarray:
     """The affine of the model input of a scan whose (X, Y, Z) RAS+ image (the temporal mean for
-    rsfMRI) is ``mean`` with ``affine``: resampling to ``voxel_size``, then the crop/pad or
-    resize the modality's preprocessing applies (rsfMRI crops around the brain box)."""
+    rsfMRI) is ``mean`` with ``affine``: resampling to the spec's target spacing (``voxel_size``,
+    else the field of view's), then the crop/pad or resize the modality's preprocessing applies
+    (T1 / dMRI crop around the head, rsfMRI around the brain box)."""
     s = spec.spec
     shape = np.array(mean.shape[:3])
-    if s.voxel_size is not None:
-        mean = resample_to_spacing(mean, affine, s.voxel_size)
+    spacing = s.target_spacing()
+    if spacing is not None:
+        mean = resample_to_spacing(mean, affine, spacing)
         affine = _resampled_affine(affine, shape, mean.shape)
         shape = np.array(mean.shape)
     target = np.array(s.image_size)
     if not spec.is_fmri and s.spatial == "resize":
         return _resampled_affine(affine, shape, target)
     box = _brain_box(mean[..., None]) if spec.is_fmri else None
+    windows = None if spec.is_fmri else head_windows(mean, tuple(int(t) for t in target))
     shift = []
     for axis, (n, t) in enumerate(zip(shape, target, strict=True)):
         if spec.is_fmri:
             start = _crop_start(int(n), int(t), *box[axis]) if n > t else 0
-        else:
-            start = max(int(n) - int(t), 0) // 2
+        else:  # crop_pad keeps the window around the head, as preprocessing does
+            start = windows[axis].start
         shift.append(start - max(int(t) - int(n), 0) // 2)
     return _grid_affine(affine, np.ones(3), np.array(shift, dtype=np.float64))
 
