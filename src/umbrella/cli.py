@@ -14,9 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from umbrella.errors import NotImplementedYet, UmbrellaError
-
-_LATER: dict[str, str] = {}
+from umbrella.errors import UmbrellaError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,13 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 "cache": _cmd_cache, "train": _cmd_train,
                 "evaluate": _cmd_evaluate, "ask": _cmd_ask, "serve": _cmd_serve}
     try:
-        if args.command in _LATER:
-            raise NotImplementedYet(f"`umbrella {args.command}` ({_LATER[args.command]}) is not "
-                                    "implemented yet in this version")
         code = handlers[args.command](args)
     except UmbrellaError as exc:
         print(f"umbrella {args.command}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, NotImplementedYet) else 1
+        return 1
     if code == 0:  # a finished torchrun / deepspeed worker ends here, in step with its peers
         from umbrella.training.launch import finish_worker
 

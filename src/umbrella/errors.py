@@ -59,7 +59,3 @@ class VolumeError(UmbrellaError):
 
 class ModelError(UmbrellaError):
     """A model cannot be built, loaded or fed (e.g. image tokens vs image features mismatch)."""
-
-
-class NotImplementedYet(UmbrellaError):
-    """A command that a later release fills in. Says so instead of pretending to work."""
