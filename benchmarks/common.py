@@ -224,7 +224,7 @@ def prompt_encoder():
     """The offline byte-level tokenizer trained on the sex task's text, in ChatML."""
     from umbrella.data.prompts import PromptEncoder
     from umbrella.data.tokenizer import train_tokenizer
-    from umbrella.tasks.registry import SEX
+    from umbrella.task_registry import SEX
 
     tok = train_tokenizer(list(SEX.questions) + list(SEX.options) + SEX_TEXTS, 300)
     return PromptEncoder(tok)

@@ -40,8 +40,8 @@ from umbrella.evaluation.regression import (
 from umbrella.evaluation.scoring import generate_answers, score_options
 from umbrella.io import atomic_write_bytes
 from umbrella.model.build import load_brain_llava
+from umbrella.task_registry import TaskSpec, task_for_question
 from umbrella.tasks.known import load_tasks, match_task, task_spec, untrained_notice
-from umbrella.tasks.registry import TaskSpec, task_for_question
 
 TASKS_UNKNOWN = ("this model's tasks are unknown (it was trained before tasks.json was saved): "
                  "the answer is not checked against what it learned")

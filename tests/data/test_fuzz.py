@@ -32,7 +32,7 @@ from umbrella.data.records import load_records
 from umbrella.data.validate import KINDS, validate_records_files
 from umbrella.data.volumes import read_nifti
 from umbrella.errors import RecordError, UmbrellaError, VolumeError
-from umbrella.tasks.registry import get_task
+from umbrella.task_registry import get_task
 
 TIME_LIMIT_S = 5.0
 # UMBRELLA_FUZZ_EXAMPLES=20000 for a deep run; the default keeps this file at a few seconds

@@ -302,7 +302,7 @@ def test_records_sex_and_age_with_one_split(cohort, tmp_path):
     from umbrella.data.records import load_records
     from umbrella.data.validate import validate_records_files
     from umbrella.demo.run import write_records
-    from umbrella.tasks.registry import task_for_record
+    from umbrella.task_registry import task_for_record
 
     files = write_records(cohort, tmp_path / "records", seed=0)
     assert {m: [f.name for f in fs] for m, fs in files.items()} == \

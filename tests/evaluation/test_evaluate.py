@@ -11,8 +11,8 @@ from umbrella.data.records import parse_record
 from umbrella.errors import ConfigError, RecordError
 from umbrella.evaluation.evaluate import evaluate_records
 from umbrella.evaluation.report import metrics_table
+from umbrella.task_registry import AGE
 from umbrella.tasks.conversations import task_record
-from umbrella.tasks.registry import AGE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -139,7 +139,7 @@ def test_assistant_ask_show_and_interactive(trained_run, tiny_split_records, tmp
 
 
 def test_comparison_pairs_are_scored_per_pair(trained_run, tiny_cohort, tmp_path):
-    from umbrella.tasks.registry import COMPARE_SEX
+    from umbrella.task_registry import COMPARE_SEX
 
     result, _ = trained_run
     subs = tiny_cohort.subjects[:6]

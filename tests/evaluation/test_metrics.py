@@ -38,7 +38,7 @@ from umbrella.evaluation.metrics import (  # noqa: E402
     regression_metrics,
 )
 from umbrella.evaluation.summary import summarise  # noqa: E402
-from umbrella.tasks.registry import AGE, SEX  # noqa: E402
+from umbrella.task_registry import AGE, SEX  # noqa: E402
 
 
 def test_regression_hand_computed():

@@ -22,8 +22,8 @@ from umbrella.evaluation.reference import (
     paired_comparison,
     volume_features,
 )
+from umbrella.task_registry import AGE, SEX
 from umbrella.tasks.conversations import task_record
-from umbrella.tasks.registry import AGE, SEX
 
 SIZE = 16
 

@@ -18,8 +18,9 @@ from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Turn
 from umbrella.data.tokenizer import train_tokenizer
 from umbrella.errors import ConfigError
+from umbrella.geometry import stem_plan
 from umbrella.model.build import build_brain_llava, load_brain_llava, with_patch_embed
-from umbrella.model.configuration_brain_vit import BrainViTConfig, stem_plan
+from umbrella.model.configuration_brain_vit import BrainViTConfig
 from umbrella.model.modeling_brain_vit import BrainPatchEmbedding, BrainViTModel
 from umbrella.training.trainer import modality_parameters
 

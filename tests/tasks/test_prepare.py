@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from umbrella.data.records import load_records
 from umbrella.errors import ConfigError
+from umbrella.task_registry import AGE, SEX
 from umbrella.tasks.prepare import SUMMARY_FILE, prepare
-from umbrella.tasks.registry import AGE, SEX
 
 
 def _touch_images(root: Path, ids) -> None:

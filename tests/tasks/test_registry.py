@@ -1,6 +1,6 @@
 import pytest
 
-from umbrella.tasks.registry import (
+from umbrella.task_registry import (
     AGE,
     BMI,
     COMPARE_AGE,

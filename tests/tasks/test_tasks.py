@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from umbrella.task_registry import SEX
 from umbrella.tasks.conversations import classification_record, subject_splits
-from umbrella.tasks.registry import SEX
 
 
 @pytest.mark.parametrize("answer, parsed", [

@@ -157,7 +157,7 @@ def test_selection_needs_evaluations(tiny_config):
 
 def _age_records(tiny_records, path):
     """The tiny sex records asked as age (same subjects, same splits), one JSONL."""
-    from umbrella.tasks.registry import AGE
+    from umbrella.task_registry import AGE
 
     rows = [json.loads(x) for x in tiny_records.read_text().splitlines()]
     age = []
@@ -214,7 +214,7 @@ def test_candidate_scores_equal_full_sequence_scoring(tiny_config, tiny_records,
     from umbrella.data.prompts import PromptEncoder
     from umbrella.evaluation.scoring import score_options
     from umbrella.model.build import load_brain_llava
-    from umbrella.tasks.registry import AGE
+    from umbrella.task_registry import AGE
     from umbrella.training.validation import candidate_logprobs, regression_grid
 
     both = _age_records(tiny_records, tmp_path / "both.jsonl")
@@ -238,8 +238,8 @@ def test_score_is_the_mean_of_accuracy_and_relative_mae():
     from types import SimpleNamespace
 
     from umbrella.data.records import parse_record
+    from umbrella.task_registry import AGE, SEX
     from umbrella.tasks.conversations import task_record
-    from umbrella.tasks.registry import AGE, SEX
     from umbrella.training.validation import ValidationMetric
 
     def rec(task, sid, answer, split):

@@ -17,6 +17,7 @@ from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record, load_records
 from umbrella.data.volumes import VolumeSpec
 from umbrella.errors import ConfigError, ModelError, RecordError
+from umbrella.geometry import check_modality, pooled_tokens
 
 PREPROCESSING_FILE = "preprocessing.json"
 
@@ -64,8 +65,6 @@ def geometry(section: ModalityConfig, modality: str = "T1") -> dict:
 def modality_input(modality: str, section: ModalityConfig, token_pool: int = 1) -> ModalityInput:
     """What a model with this section's geometry needs: preprocessing spec and the visual tokens
     each ``<image>`` expands to (after ``model.token_pool``)."""
-    from umbrella.model.build import pooled_tokens
-
     spec = fmri_spec(section) if modality == "rsfMRI" else volume_spec(section)
     try:
         geom = _checked(modality, geometry(section, modality))
@@ -79,9 +78,7 @@ def modality_input(modality: str, section: ModalityConfig, token_pool: int = 1) 
 
 
 def _checked(modality: str, geom: dict) -> dict:
-    from umbrella.model.configuration_brain_vit import _check_modality
-
-    return _check_modality(modality, geom)
+    return check_modality(modality, geom)
 
 
 def modality_inputs(cfg: UmbrellaConfig) -> dict[str, ModalityInput]:

@@ -56,7 +56,7 @@ from umbrella.data.image_checks import (
 from umbrella.data.problems import KINDS, WARNING_KINDS, Problem, split_fix
 from umbrella.data.records import Record, decode_text, parse_record
 from umbrella.errors import ConfigError, RecordError
-from umbrella.tasks.registry import task_for_record
+from umbrella.task_registry import task_for_record
 
 _RECORD_KINDS = ((r"missing key ", "missing_key"), (r"unknown modality ", "unknown_modality"),
                  (r"\d+ <image> placeholders but \d+ images", "image_count"))  # parse_record's

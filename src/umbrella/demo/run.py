@@ -35,13 +35,13 @@ from umbrella.config import UmbrellaConfig, load_config, save_config
 from umbrella.demo.cohort import DemoCohort, build_demo_cohort, normalize_modalities
 from umbrella.errors import ConfigError, UmbrellaError
 from umbrella.io import atomic_write_jsonl
+from umbrella.task_registry import AGE, SEX
 from umbrella.tasks.conversations import (
     classification_record,
     draw_questions,
     subject_splits,
     task_record,
 )
-from umbrella.tasks.registry import AGE, SEX
 
 DEMO_SPLITS = (0.6, 0.2, 0.2)
 FIELD_OF_VIEW_MM = 96 * 2.1  # every demo grid covers the same 201.6 mm

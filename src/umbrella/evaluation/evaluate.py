@@ -55,7 +55,7 @@ from umbrella.evaluation.summary import (
 from umbrella.evaluation.summary import summarise as summarise_rows
 from umbrella.io import atomic_write_json, atomic_write_jsonl
 from umbrella.model.build import load_brain_llava
-from umbrella.tasks.registry import TaskSpec, task_for_record
+from umbrella.task_registry import TaskSpec, task_for_record
 
 SCORINGS = ("likelihood", "generate")
 

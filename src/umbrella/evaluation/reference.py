@@ -72,7 +72,7 @@ from umbrella.evaluation.summary import (
     unit_key,
 )
 from umbrella.evaluation.summary import task_metrics as score_rows
-from umbrella.tasks.registry import TaskSpec, task_for_record
+from umbrella.task_registry import TaskSpec, task_for_record
 
 FEATURE_VERSION = 1
 VOLUME_GRID = 24  # coarse voxels per axis (at most) for T1 / dMRI

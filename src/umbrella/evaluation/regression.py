@@ -30,7 +30,7 @@ import torch
 
 from umbrella.errors import ConfigError
 from umbrella.evaluation.scoring import score_options_cached
-from umbrella.tasks.registry import TaskSpec
+from umbrella.task_registry import TaskSpec
 
 METHODS = ("expected", "median", "generate")
 MAX_CANDIDATES = 2001  # 0..200 at 0.1 steps; beyond this the default step is coarsened

@@ -28,7 +28,7 @@ from umbrella.evaluation.metrics import (
     regression_ci,
     regression_metrics,
 )
-from umbrella.tasks.registry import TaskSpec
+from umbrella.task_registry import TaskSpec
 
 
 def unit_key(row: dict) -> str:

@@ -14,7 +14,6 @@ each ``<image>`` to :func:`pooled_tokens` of its modality (:func:`tokens_per_ima
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,12 +26,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import umbrella.model  # noqa: F401  (registers the tower with the Auto classes)
 from umbrella.config import ModelConfig
 from umbrella.errors import ConfigError, ModelError
-from umbrella.model.configuration_brain_vit import (
-    BrainViTConfig,
-    _check_modality,
-    num_patches,
+from umbrella.geometry import (
+    check_modality,
+    normalize_token_pool,
+    pooled_tokens,
     stem_plan,
+    token_grid,
 )
+from umbrella.model.configuration_brain_vit import BrainViTConfig
 
 
 @dataclass(frozen=True)
@@ -86,44 +87,6 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
     return replace(preset, **overrides)
 
 
-def token_grid(spec: dict) -> tuple[int, int, int, int]:
-    """(time blocks, D', H', W') of one image's tokens: the order in which the tower emits them
-    (time blocks outermost, then the 3D patch grid in C order). 3D modalities have 1 time block."""
-    size, patch = spec["image_size"], spec["patch_size"]
-    grid = tuple(s // p for s, p in zip(size[:3], patch[:3], strict=True))
-    blocks = size[3] // patch[3] if len(size) == 4 else 1
-    return (blocks, *grid)
-
-
-def normalize_token_pool(token_pool: int | Sequence[int] | None) -> tuple[int, int, int] | None:
-    """None for "no pooling" (None, 1 or (1, 1, 1)); else the (d, h, w) pooling window."""
-    if token_pool is None:
-        return None
-    pool = (token_pool,) * 3 if isinstance(token_pool, int) else tuple(token_pool)
-    if len(pool) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                                 for k in pool):
-        raise ModelError(f"token_pool must be a positive integer or 3 of them (d, h, w), "
-                         f"got {token_pool!r}")
-    return None if pool == (1, 1, 1) else pool
-
-
-def pooled_tokens(spec: dict, token_pool: int | Sequence[int] | None = None,
-                  modality: str = "image") -> int:
-    """Visual tokens one image of geometry ``spec`` ({image_size, patch_size}) gives to the LLM
-    after ``token_pool``: the count each ``<image>`` must be expanded to. Raises ModelError when
-    the token grid is not a multiple of the pool, naming both."""
-    pool = normalize_token_pool(token_pool)
-    if pool is None:
-        return num_patches(spec)
-    blocks, *grid = token_grid(spec)
-    bad = [(g, k) for g, k in zip(grid, pool, strict=True) if g % k]
-    if bad:
-        raise ModelError(f"{modality}: the token grid {tuple(grid)} (image_size / patch_size) is "
-                         f"not a multiple of token_pool {pool}; change the pool, the patch size "
-                         "or the image size")
-    return blocks * math.prod(g // k for g, k in zip(grid, pool, strict=True))
-
-
 def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
     """``modalities`` with ``model.patch_embed`` (and, for "conv", ``model.stem_channels``) written
     into each spec that does not name its own ``embed``. A geometry error stays the ValueError of
@@ -134,7 +97,7 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
         out[name] = spec = {"embed": cfg.patch_embed, **spec}
         if spec["embed"] == "conv":
             spec.setdefault("stem_channels", list(cfg.stem_channels))
-            geometry = _check_modality(name, {**spec, "embed": "linear"})
+            geometry = check_modality(name, {**spec, "embed": "linear"})
             try:
                 stem_plan(name, {**geometry, "stem_channels": spec["stem_channels"]})
             except ValueError as exc:

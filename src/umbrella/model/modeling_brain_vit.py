@@ -35,7 +35,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-from umbrella.model.configuration_brain_vit import BrainViTConfig, num_patches, stem_plan
+from umbrella.geometry import num_patches, stem_plan
+from umbrella.model.configuration_brain_vit import BrainViTConfig
 
 
 class StemStage(nn.Module):

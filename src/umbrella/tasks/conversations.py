@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from umbrella.tasks.registry import TaskSpec
+from umbrella.task_registry import TaskSpec
 
 
 def draw_questions(task: TaskSpec, k: int, rng: np.random.Generator) -> list[str]:

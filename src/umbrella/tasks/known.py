@@ -23,7 +23,7 @@ from pathlib import Path
 
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
-from umbrella.tasks.registry import TaskSpec, task_for_record
+from umbrella.task_registry import TaskSpec, task_for_record
 
 TASKS_FILE = "tasks.json"
 MAX_QUESTIONS = 200  # question forms kept per task (records draw from a handful of phrasings)

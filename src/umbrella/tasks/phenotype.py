@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from umbrella.errors import ConfigError
-from umbrella.tasks.registry import AGE, SEX, TASKS, TaskSpec, classification_task, regression_task
+from umbrella.task_registry import AGE, SEX, TASKS, TaskSpec, classification_task, regression_task
 from umbrella.tasks.subjects import clean_id, session_key, subject_key
 
 # tried in this order when neither --subject-column nor the study's column is in the table

@@ -37,6 +37,14 @@ import numpy as np
 
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json, atomic_write_jsonl
+from umbrella.task_registry import (
+    COMPARE_AGE,
+    COMPARE_SEX,
+    SESSION_GAP,
+    SESSION_ORDER,
+    TASKS,
+    TaskSpec,
+)
 from umbrella.tasks.conversations import draw_questions, subject_splits, task_record
 from umbrella.tasks.images import (
     MODALITIES,
@@ -54,14 +62,6 @@ from umbrella.tasks.phenotype import (
     session_column_for,
     table_columns,
     task_targets,
-)
-from umbrella.tasks.registry import (
-    COMPARE_AGE,
-    COMPARE_SEX,
-    SESSION_GAP,
-    SESSION_ORDER,
-    TASKS,
-    TaskSpec,
 )
 from umbrella.tasks.subjects import match_ids, subject_key, ukb_instance_column
 

@@ -48,8 +48,8 @@ from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
+from umbrella.task_registry import TASKS
 from umbrella.tasks.known import save_tasks
-from umbrella.tasks.registry import TASKS
 from umbrella.training.best import KeepBest, resolve_criterion, whole_weights
 from umbrella.training.callbacks import (
     MARKER,

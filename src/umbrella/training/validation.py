@@ -27,7 +27,7 @@ import torch
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
-from umbrella.tasks.registry import TaskSpec, task_for_record
+from umbrella.task_registry import TaskSpec, task_for_record
 
 GRID = 17  # regression candidates per task
 

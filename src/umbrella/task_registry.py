@@ -1,5 +1,8 @@
 """Task definitions: question phrasings, allowed answers and the strict answer parsers.
 
+Below data/ on the data path: the validator checks answers with these parsers, and tasks/ writes
+records with them, so the facts live in one module both can import.
+
 Three kinds of task:
 
 - ``classification``: the answer must name exactly one allowed option (or a synonym of one);
