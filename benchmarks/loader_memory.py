@@ -192,7 +192,10 @@ def _compare(runs: dict[int, list[dict]], small: int, large: int) -> dict:
     med = {n: {k: common.median([r[k] for r in rs]) for k in KEYS} for n, rs in runs.items()}
     return {"median": {str(n): v for n, v in med.items()},
             "growth_mb": {k: med[large][k] - med[small][k] for k in KEYS[:-1]},
-            "ratio_large_over_small": {k: med[large][k] / med[small][k] for k in KEYS[:4]},
+            # None where the small run's figure is 0: the sampler thread never caught a reading
+            # (a short smoke epoch on a loaded machine), or no worker had ended yet
+            "ratio_large_over_small": {k: med[large][k] / med[small][k] if med[small][k] > 0
+                                       else None for k in KEYS[:4]},
             "runs": {str(n): rs for n, rs in runs.items()}}
 
 
