@@ -11,14 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from umbrella.demo.anatomy import FOV_CENTRE_MM, _Job, output_affine
 from umbrella.demo.cohort import (
-    FOV_CENTRE_MM,
     DemoCohort,
     DemoSubject,
     _draw_phenotypes,
-    _Job,
     build_demo_cohort,
-    output_affine,
     planted_effects,
     synthesize_subject,
 )

@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from umbrella.demo.cohort import DemoCohort, build_demo_cohort, output_affine
+from umbrella.demo.anatomy import output_affine
+from umbrella.demo.cohort import DemoCohort, build_demo_cohort
 from umbrella.demo.modalities import (
     COUPLED,
     COUPLING,

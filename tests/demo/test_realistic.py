@@ -14,14 +14,8 @@ import numpy as np
 import pytest
 
 from umbrella.demo import realistic as R
-from umbrella.demo.cohort import (
-    _Job,
-    _rotation,
-    _source_coords,
-    _template,
-    build_demo_cohort,
-    output_affine,
-)
+from umbrella.demo.anatomy import _Job, _rotation, _source_coords, _template, output_affine
+from umbrella.demo.cohort import build_demo_cohort
 from umbrella.demo.modalities import (
     DmriSettings,
     FmriSettings,
@@ -208,7 +202,7 @@ def test_older_brains_have_larger_ventricles_and_darker_cortex():
     from umbrella.demo.cohort import synthesize_subject
 
     tpl = _template()
-    vc = R._cohort.VENTRICLE_CENTRE_MM
+    vc = R._anatomy.VENTRICLE_CENTRE_MM
     young, old = (synthesize_subject(_Job(1, 0, "male", 60.0, (56, 64, 56), 4.0, 0.0, "",
                                           variant="realistic", scale=1.0, brain_age=b))
                   for b in (40.0, 85.0))

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from umbrella.demo import cohort as _cohort
+from umbrella.demo import anatomy as _anatomy
 
 MODALITIES = ("T1", "rsfMRI", "dMRI")
 RSFMRI_STREAM, DMRI_STREAM = 1, 2
@@ -214,7 +214,7 @@ def _build_maps(tpl) -> _Maps:
 def template_maps() -> _Maps:
     """Maps derived from the loaded template, built once per process (cheap: ~0.3 s)."""
     global _MAPS
-    tpl = _cohort._template()
+    tpl = _anatomy._template()
     if _MAPS is None or _MAPS[0] != id(tpl):
         _MAPS = (id(tpl), _build_maps(tpl))
     return _MAPS[1]
@@ -249,22 +249,22 @@ def _session(job: SessionJob) -> tuple[np.ndarray, np.random.Generator]:
     positioned after the head-position draws. Realistic sessions take their scale and brain age
     from the job and draw the position with :func:`umbrella.demo.realistic.draw_position`."""
     stream = RSFMRI_STREAM if job.modality == "rsfMRI" else DMRI_STREAM
-    grid = _cohort._Job(job.index, job.seed, job.sex, job.age, tuple(job.image_size),
+    grid = _anatomy._Job(job.index, job.seed, job.sex, job.age, tuple(job.image_size),
                         job.voxel_mm, job.sex_scale, job.path)
     if job.variant == "realistic":
         from umbrella.demo.realistic import draw_position, ventricle_pull
 
         rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
         draw = draw_position(rng) | {"scale": job.scale}
-        return _cohort._source_coords(grid, draw, _cohort._template(),
+        return _anatomy._source_coords(grid, draw, _anatomy._template(),
                                       pull=ventricle_pull(job.brain_age)), rng
     t1_rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
-    scale = _cohort._draw_nuisance(t1_rng, job.sex, job.sex_scale)["scale"]  # the T1's anatomy
+    scale = _anatomy._draw_nuisance(t1_rng, job.sex, job.sex_scale)["scale"]  # the T1's anatomy
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
-    angles = np.deg2rad(rng.uniform(-_cohort.ROTATION_DEG, _cohort.ROTATION_DEG, 3))
-    draw = {"scale": scale, "rotation": _cohort._rotation(angles),
-            "translation": rng.uniform(-_cohort.TRANSLATION_MM, _cohort.TRANSLATION_MM, 3)}
-    return _cohort._source_coords(grid, draw, _cohort._template()), rng
+    angles = np.deg2rad(rng.uniform(-_anatomy.ROTATION_DEG, _anatomy.ROTATION_DEG, 3))
+    draw = {"scale": scale, "rotation": _anatomy._rotation(angles),
+            "translation": rng.uniform(-_anatomy.TRANSLATION_MM, _anatomy.TRANSLATION_MM, 3)}
+    return _anatomy._source_coords(grid, draw, _anatomy._template()), rng
 
 
 def _warp(source: np.ndarray, coords: np.ndarray) -> np.ndarray:
@@ -344,16 +344,25 @@ def synthesize_fa(job: SessionJob) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
+def _axcodes(job: SessionJob):
+    """The stored orientation of a session's image: the realistic cohort's, else RAS+ (None)."""
+    if job.variant != "realistic":
+        return None
+    from umbrella.demo.realistic import ORIENTATION
+
+    return ORIENTATION
+
+
 def write_session(job: SessionJob) -> str:
     """Synthesize and write one session atomically; returns its path."""
-    affine = _cohort.output_affine(job.image_size, job.voxel_mm)
+    affine = _anatomy.output_affine(job.image_size, job.voxel_mm)
     if job.modality == "dMRI":
-        _cohort._save_int16(synthesize_fa(job), affine, Path(job.path), variant=job.variant)
+        _anatomy._save_int16(synthesize_fa(job), affine, Path(job.path), axcodes=_axcodes(job))
     elif job.frame_folder:
         _save_frames(synthesize_rsfmri(job), Path(job.path))
     else:
-        _cohort._save_int16(synthesize_rsfmri(job), affine, Path(job.path), tr=job.tr,
-                            variant=job.variant)
+        _anatomy._save_int16(synthesize_rsfmri(job), affine, Path(job.path), tr=job.tr,
+                             axcodes=_axcodes(job))
     return job.path
 
 

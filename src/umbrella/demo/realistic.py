@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from umbrella.demo import cohort as _cohort
+from umbrella.demo import anatomy as _anatomy
 
 VARIANTS = ("basic", "realistic")
 LATENT_STREAM = 3  # SeedSequence([seed, index, 3]): the hidden variables (1, 2: rsfMRI, dMRI)
@@ -202,8 +202,8 @@ def planted_parameters() -> dict:
                 "age_fraction": f"f = clip((b - {AGE_ORIGIN}) / {AGE_SPAN}, 0, {AGE_FRACTION_MAX})",
                 "ventricle_enlargement": {
                     "law": f"pull = {VENTRICLE_GAIN} * f^2 * exp(-r^2 / 2 sigma^2)",
-                    "gain": VENTRICLE_GAIN, "centre_mni_mm": list(_cohort.VENTRICLE_CENTRE_MM),
-                    "sigma_mm": _cohort.VENTRICLE_SIGMA_MM, "modalities": ["T1", "rsfMRI", "dMRI"]},
+                    "gain": VENTRICLE_GAIN, "centre_mni_mm": list(_anatomy.VENTRICLE_CENTRE_MM),
+                    "sigma_mm": _anatomy.VENTRICLE_SIGMA_MM, "modalities": ["T1", "rsfMRI", "dMRI"]},
                 "grey_matter_thinning": {"law": f"t1 -= {GM_THINNING} * f * p_gm * (t1 - csf)",
                                          "gain": GM_THINNING, "modalities": ["T1"]},
                 "sulcal_widening": {"law": f"t1 -= {SULCAL_WIDENING} * f * sulcal * (t1 - csf)",
@@ -217,7 +217,7 @@ def planted_parameters() -> dict:
                      "bias_field": f"2nd-order polynomial, peak deviation U(0, {BIAS_MAX})",
                      "noise_sd_fraction_of_wm": NOISE_SD},
         "geometry": {"orientation": "".join(ORIENTATION), "dtype_on_disk": "int16 with scl_slope",
-                     "white_matter_level": _cohort.WM_LEVEL},
+                     "white_matter_level": _anatomy.WM_LEVEL},
         "seeds": {"hidden_variables": f"SeedSequence([seed, index, {LATENT_STREAM}])",
                   "T1_nuisance": "SeedSequence([seed, index])",
                   "ages": "SeedSequence(seed, spawn_key=(0xC1,))"},
@@ -281,7 +281,7 @@ def _build_sulcal(tpl) -> np.ndarray:
 def sulcal_map() -> np.ndarray:
     """GM next to CSF in the outer cortex, in [0, 1]; built once per process (~0.5 s)."""
     global _SULCAL
-    tpl = _cohort._template()
+    tpl = _anatomy._template()
     if _SULCAL is None or _SULCAL[0] != id(tpl):
         _SULCAL = (id(tpl), _build_sulcal(tpl))
     return _SULCAL[1]
@@ -292,13 +292,13 @@ def sulcal_map() -> np.ndarray:
 def draw_position(rng: np.random.Generator) -> dict:
     """Head rotation and translation of one scan."""
     angles = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, 3))
-    return {"rotation": _cohort._rotation(angles),
+    return {"rotation": _anatomy._rotation(angles),
             "translation": rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3)}
 
 
 def aged_t1(brain_age: float) -> np.ndarray:
     """The template T1 (WM = 1) with cortical thinning and sulcal widening of ``brain_age``."""
-    tpl = _cohort._template()
+    tpl = _anatomy._template()
     f = age_fraction(brain_age)
     loss = (GM_THINNING * f) * tpl.gm + (SULCAL_WIDENING * f) * sulcal_map()
     return (tpl.t1 - loss * (tpl.t1 - tpl.csf_level)).astype(np.float32)
@@ -309,27 +309,18 @@ def synthesize_t1(job) -> np.ndarray:
     subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``."""
     from scipy.ndimage import map_coordinates
 
-    tpl = _cohort._template()
+    tpl = _anatomy._template()
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
     draw = draw_position(rng) | {"scale": job.scale}
     gain = rng.uniform(1 - GAIN_RANGE, 1 + GAIN_RANGE)
     bias_coef, bias_amp = rng.normal(size=9), rng.uniform(0.0, BIAS_MAX)
-    coords = _cohort._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age))
+    coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age))
     vol = map_coordinates(aged_t1(job.brain_age), coords, order=1, mode="constant", cval=0.0,
                           prefilter=False)
-    vol *= _cohort.WM_LEVEL * gain
-    vol *= _cohort._bias_field(job.image_size, bias_coef, bias_amp)
-    noise = rng.standard_normal(job.image_size) * (NOISE_SD * _cohort.WM_LEVEL * gain)
+    vol *= _anatomy.WM_LEVEL * gain
+    vol *= _anatomy._bias_field(job.image_size, bias_coef, bias_amp)
+    noise = rng.standard_normal(job.image_size) * (NOISE_SD * _anatomy.WM_LEVEL * gain)
     return np.abs(vol + noise).astype(np.float32)
-
-
-def reorient(data: np.ndarray, affine: np.ndarray, axcodes=ORIENTATION):
-    """A RAS+ array (3D or 4D) and its affine -> the same image stored in ``axcodes`` order."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
-
-    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(axcodes)))
-    return (np.ascontiguousarray(apply_orientation(data, ornt)),
-            affine @ inv_ornt_aff(ornt, data.shape[:3]))
 
 
 # ----------------------------------------------------------------------------- field of view
@@ -338,7 +329,7 @@ def _mask_surface_mm() -> np.ndarray:
     """(n, 3) MNI mm of the template brain mask's surface voxels (the ones that could leave)."""
     from scipy.ndimage import binary_erosion
 
-    tpl = _cohort._template()
+    tpl = _anatomy._template()
     surface = tpl.mask & ~binary_erosion(tpl.mask)
     idx = np.argwhere(surface).astype(np.float64)
     affine = np.linalg.inv(tpl.inv_affine)
@@ -348,7 +339,7 @@ def _mask_surface_mm() -> np.ndarray:
 def _unwarp_ventricles(points: np.ndarray, pull: float) -> np.ndarray:
     """Inverse of the ventricle warp (output-side point -> where it lands), by bisection on the
     radius: r (1 - pull g(r)) = rho is increasing in r, so the root is unique."""
-    vc = np.asarray(_cohort.VENTRICLE_CENTRE_MM)
+    vc = np.asarray(_anatomy.VENTRICLE_CENTRE_MM)
     d = points - vc
     rho = np.linalg.norm(d, axis=1)
     if pull <= 0:
@@ -356,7 +347,7 @@ def _unwarp_ventricles(points: np.ndarray, pull: float) -> np.ndarray:
     lo, hi = rho.copy(), rho / (1 - pull)
     for _ in range(60):
         mid = (lo + hi) / 2
-        h = mid * (1 - pull * np.exp(-0.5 * (mid / _cohort.VENTRICLE_SIGMA_MM) ** 2))
+        h = mid * (1 - pull * np.exp(-0.5 * (mid / _anatomy.VENTRICLE_SIGMA_MM) ** 2))
         below = h < rho
         lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
     ratio = np.divide(hi, rho, out=np.ones_like(rho), where=rho > 0)
@@ -366,8 +357,8 @@ def _unwarp_ventricles(points: np.ndarray, pull: float) -> np.ndarray:
 def brain_in_fov_mm(points: np.ndarray, scale: float, rotation: np.ndarray,
                     translation, pull: float) -> np.ndarray:
     """Where template points (n, 3; MNI mm) land in the subject's scan (world mm): the forward
-    map of the one that :func:`umbrella.demo.cohort._source_coords` samples backwards."""
-    centre = np.asarray(_cohort.FOV_CENTRE_MM)
+    map of the one that :func:`umbrella.demo.anatomy._source_coords` samples backwards."""
+    centre = np.asarray(_anatomy.FOV_CENTRE_MM)
     x = _unwarp_ventricles(points, pull)
     return centre + np.asarray(translation) + scale * (x - centre) @ np.asarray(rotation).T
 
@@ -381,18 +372,18 @@ def fov_slack_mm(image_size: tuple[int, int, int], voxel_mm: float, max_scale: f
     ventricle pull; each template voxel counted with its half-diagonal. Negative: clipped."""
     points = _mask_surface_mm()
     half_voxel = max_scale * math.sqrt(3) * float(abs(np.linalg.inv(
-        _cohort._template().inv_affine)[0, 0])) / 2
+        _anatomy._template().inv_affine)[0, 0])) / 2
     corners = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)])
     rng = np.random.default_rng(seed)
     angles = np.concatenate([corners, rng.uniform(-1, 1, (n_random, 3)), np.zeros((1, 3))])
-    affine = _cohort.output_affine(image_size, voxel_mm)
+    affine = _anatomy.output_affine(image_size, voxel_mm)
     lo = affine[:3, 3]
     hi = lo + voxel_mm * (np.asarray(image_size) - 1)
-    centre, reach, slack = np.asarray(_cohort.FOV_CENTRE_MM), TRANSLATION_MM + half_voxel, math.inf
+    centre, reach, slack = np.asarray(_anatomy.FOV_CENTRE_MM), TRANSLATION_MM + half_voxel, math.inf
     for pull in (0.0, VENTRICLE_GAIN * AGE_FRACTION_MAX ** 2):
         x = max_scale * (_unwarp_ventricles(points, pull) - centre)
         for a in angles:  # brain_in_fov_mm without translation, the unwarp done once per pull
-            p = centre + x @ _cohort._rotation(np.deg2rad(a * ROTATION_DEG)).T
+            p = centre + x @ _anatomy._rotation(np.deg2rad(a * ROTATION_DEG)).T
             slack = min(slack, float((p.min(axis=0) - reach - lo).min()),
                         float((hi - p.max(axis=0) - reach).min()))
     return slack
