@@ -223,7 +223,7 @@ def accuracy(model, encoder, data, batch: int = 8) -> float:
     """Held-out accuracy by likelihood scoring of the task's two options."""
     import torch
 
-    from umbrella.evaluation.scoring import score_options
+    from umbrella.model.answering import score_options
 
     model.eval()
     correct = 0

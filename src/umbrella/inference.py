@@ -37,8 +37,8 @@ from umbrella.evaluation.regression import (
     candidate_grid,
     regression_answers,
 )
-from umbrella.evaluation.scoring import generate_answers, score_options
 from umbrella.io import atomic_write_bytes
+from umbrella.model.answering import generate_answers, score_options
 from umbrella.model.build import load_brain_llava
 from umbrella.task_registry import TaskSpec, task_for_question
 from umbrella.tasks.known import load_tasks, match_task, task_spec, untrained_notice

@@ -16,7 +16,7 @@ from umbrella.errors import ConfigError
 from umbrella.evaluation import regression as reg
 from umbrella.evaluation.evaluate import evaluate_records
 from umbrella.evaluation.report import metrics_table
-from umbrella.evaluation.scoring import score_options, score_options_cached
+from umbrella.model.answering import score_options, score_options_cached
 from umbrella.model.build import build_brain_llava
 from umbrella.task_registry import AGE, regression_task, task_for_question
 from umbrella.tasks.conversations import task_record

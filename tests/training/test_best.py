@@ -210,28 +210,13 @@ def test_metric_selection_on_sex_and_age_together(tiny_config, tiny_records, tmp
     assert again["mae/age"] == pytest.approx(chosen["eval_mae/age"], abs=1e-4)
 
 
-def test_candidate_scores_equal_full_sequence_scoring(tiny_config, tiny_records, tmp_path):
-    from umbrella.data.prompts import PromptEncoder
-    from umbrella.evaluation.scoring import score_options
-    from umbrella.model.build import load_brain_llava
+def test_regression_grid_spans_the_training_range():
     from umbrella.task_registry import AGE
-    from umbrella.training.validation import candidate_logprobs, regression_grid
+    from umbrella.training.validation import regression_grid
 
-    both = _age_records(tiny_records, tmp_path / "both.jsonl")
-    cfg = tiny_config(f"dataset.T1.records=[{both}]", "training.max_steps=3")
-    result = train(cfg, progress=False)
-    model, tok = load_brain_llava(result.model_dir)
-    val, _ = _val_dataset(cfg, result.model_dir, tok)
-    enc = PromptEncoder(tok)
     texts, values = regression_grid(AGE, [20.0, 68.0])
     assert texts[0] == "20.0 years" and texts[-1] == "68.0 years" and values[8] == 44.0
-    for i in (0, len(val) - 1):  # a sex and an age item
-        sample = val.scoring_sample(i)
-        options = ["male", "female"] if val.records[i].task == "sex" else texts
-        cached = candidate_logprobs(model, enc, sample, options)
-        full = score_options(model, enc, [sample], [options])[0]
-        assert cached.shape == (len(options),)
-        assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+    assert len(texts) == len(values) == 17
 
 
 def test_score_is_the_mean_of_accuracy_and_relative_mae():

@@ -43,7 +43,7 @@ def test_lora_run_saves_adapters_that_reload(tiny_config):
     from umbrella.data.dataset import InstructionDataset
     from umbrella.data.prompts import PromptEncoder
     from umbrella.data.records import load_records
-    from umbrella.evaluation.scoring import score_options
+    from umbrella.model.answering import score_options
 
     cfg = tiny_config("training.max_steps=3", "model.train_llm=lora", "model.train_vision=frozen",
                       "training.run_name=lora")
@@ -108,7 +108,7 @@ def test_token_pool_from_config_trains_saves_and_scores(tiny_config):
     from umbrella.data.dataset import InstructionDataset
     from umbrella.data.prompts import PromptEncoder
     from umbrella.data.records import load_records
-    from umbrella.evaluation.scoring import score_options
+    from umbrella.model.answering import score_options
     from umbrella.model.build import tokens_per_image
 
     cfg = tiny_config("training.max_steps=2", "model.token_pool=2", "training.run_name=pool")

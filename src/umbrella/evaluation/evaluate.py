@@ -44,7 +44,6 @@ from umbrella.evaluation.regression import (
     regression_answers,
 )
 from umbrella.evaluation.report import write_report
-from umbrella.evaluation.scoring import generate_answers, numeric_answer_processor, score_options
 from umbrella.evaluation.summary import (
     aggregate_classification,
     aggregate_regression,
@@ -54,6 +53,7 @@ from umbrella.evaluation.summary import (
 )
 from umbrella.evaluation.summary import summarise as summarise_rows
 from umbrella.io import atomic_write_json, atomic_write_jsonl
+from umbrella.model.answering import generate_answers, numeric_answer_processor, score_options
 from umbrella.model.build import load_brain_llava
 from umbrella.task_registry import TaskSpec, task_for_record
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from umbrella.errors import ConfigError
-from umbrella.evaluation.scoring import score_options_cached
+from umbrella.model.answering import score_options_cached
 from umbrella.task_registry import TaskSpec
 
 METHODS = ("expected", "median", "generate")

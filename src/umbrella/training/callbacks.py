@@ -148,7 +148,7 @@ class GenerationLogger(TrainerCallback):
         self.evaluations += 1
         if self.every <= 0 or self.evaluations % self.every or not state.is_world_process_zero:
             return
-        from umbrella.evaluation.scoring import generate_answers
+        from umbrella.model.answering import generate_answers
 
         samples = [self.dataset.scoring_sample(i) for i in self.indices]
         was_training = self.model.training

@@ -3,7 +3,7 @@
 Cheap enough to run at every evaluation: each validation item costs one forward over its prompt
 (its images encoded once) and one over its candidate answers, which reuse the prompt's key/value
 cache. A candidate's score is the log-likelihood of its answer tokens and the closing end token
-(as ``umbrella evaluate`` scores options).
+(as ``umbrella evaluate`` scores options; :func:`umbrella.model.answering.score_options_cached`).
 
 - classification: accuracy of the option with the highest log-likelihood.
 - regression: the expected value over ``GRID`` candidate answers spaced evenly over the training
@@ -27,6 +27,7 @@ import torch
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
+from umbrella.model.answering import score_options_cached
 from umbrella.task_registry import TaskSpec, task_for_record
 
 GRID = 17  # regression candidates per task
@@ -106,8 +107,8 @@ class ValidationMetric:
     def predict(self, model, index: int):
         """The option (classification) or expected value (regression) for one dataset item."""
         task = self.tasks[self.dataset.records[index].task]
-        scores = candidate_logprobs(model, self.encoder, self.dataset.scoring_sample(index),
-                                    task.candidates)
+        scores = score_options_cached(model, self.encoder, [self.dataset.scoring_sample(index)],
+                                      [list(task.candidates)])[0]
         if task.spec.kind == "classification":
             return task.values[int(scores.argmax())]
         weights = torch.softmax(scores, 0)
@@ -149,34 +150,3 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-@torch.no_grad()
-def candidate_logprobs(model, encoder: PromptEncoder, sample: dict,
-                       candidates: list[str]) -> torch.Tensor:
-    """(K,) log-likelihood of each candidate answer (its tokens + the end token) after the
-    sample's prompt; the prompt (with its images) is run once and its cache shared by all K."""
-    device = model.device
-    pixel_values, order = {}, []
-    for modality, tensor in sample["images"]:
-        pixel_values.setdefault(modality, []).append(tensor)
-        order.append((modality, len(pixel_values[modality]) - 1))
-    pixel_values = {m: torch.stack(v).to(device) for m, v in pixel_values.items()}
-    prompt = encoder.encode_prompt(sample["turns"], sample["image_tokens"])
-    out = model(input_ids=torch.tensor([prompt], device=device), pixel_values=pixel_values,
-                image_order=order, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (V,) next-token after the prompt
-    answers = [encoder.answer_ids(c) for c in candidates]
-    width = max(len(a) for a in answers)
-    ids = torch.full((len(answers), width), encoder.tok.pad_token_id, dtype=torch.long)
-    for k, a in enumerate(answers):
-        ids[k, :len(a)] = torch.tensor(a)
-    cache = out.cache
-    cache.batch_repeat_interleave(len(answers))
-    logp = torch.log_softmax(model(input_ids=ids.to(device), cache=cache,
-                                   use_cache=False).logits.float(), -1)  # (K, width, V)
-    scores = []
-    for k, a in enumerate(answers):
-        rest = torch.tensor(a[1:], device=device)
-        scores.append(first[a[0]] + logp[k, :len(a) - 1].gather(1, rest[:, None]).sum())
-    return torch.stack(scores).cpu()

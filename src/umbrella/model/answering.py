@@ -1,4 +1,5 @@
-"""Two ways to get an answer from BrainLlava.
+"""Two ways to get an answer from BrainLlava, shared by training (validation metric, generation
+log), evaluation, `ask` and `serve`: they sit with the model, below all of them.
 
 - likelihood: every allowed option is appended to the prompt and scored by the sum of the
   log-probabilities of its tokens and the closing ``<|im_end|>``; a softmax over the options gives
