@@ -183,7 +183,7 @@ def compute_scalar_map(dwi_path: str | Path, bval_path: str | Path, bvec_path: s
             np.asarray(canonical.affine, dtype=np.float64))
 
 
-def _is_series(path: Path, record_id: str | None) -> bool:
+def is_dwi_series(path: Path, record_id: str | None) -> bool:
     """True for a 4D image with more than one volume (header only); False otherwise."""
     if not path.is_file():
         return False  # preprocess_volume reports the missing file
@@ -204,7 +204,7 @@ def preprocess_dmri(path: str | Path, spec: VolumeSpec, *, kind: str = "FA",
     resampled / fitted / normalised exactly like a 3D map.
     """
     path = Path(path)
-    if not _is_series(path, record_id):
+    if not is_dwi_series(path, record_id):
         return preprocess_volume(path, spec, record_id=record_id)
     bval_path, bvec_path = find_gradients(path, bval, bvec)
     data, affine = compute_scalar_map(path, bval_path, bvec_path, kind, record_id=record_id)

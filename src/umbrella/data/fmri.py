@@ -33,6 +33,8 @@ import numpy as np
 from umbrella.data.volumes import (
     _check_values,
     brain_mask,
+    crop_windows,
+    mask_box,
     read_canonical,
     resample_to_spacing,
 )
@@ -284,23 +286,6 @@ def read_frame_stats(folder: str | Path, *, record_id: str | None = None) -> dic
 
 # ----------------------------------------------------------------------------- spatial fitting
 
-def _brain_box(run: np.ndarray) -> list[tuple[int, int]]:
-    """Per spatial axis the half-open [lo, hi) extent of :func:`brain_mask` of the temporal mean."""
-    mask = brain_mask(run.mean(axis=3, dtype=np.float64))
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append((int(idx[0]), int(idx[-1]) + 1))
-    return box
-
-
-def _crop_start(n: int, t: int, lo: int, hi: int) -> int:
-    """Start of a length-t window in [0, n) that contains [lo, hi), as central as possible."""
-    centred = (n - t) // 2
-    return min(max(centred, hi - t), lo)
-
-
 def fit_run_to_shape(run: np.ndarray, shape, *, path: str | Path | None = None,
                      record_id: str | None = None) -> np.ndarray:
     """Crop/pad the 3 spatial axes of a (X, Y, Z, T) run to ``shape`` without dropping brain.
@@ -315,7 +300,8 @@ def fit_run_to_shape(run: np.ndarray, shape, *, path: str | Path | None = None,
     if run.ndim != 4 or len(shape) != 3 or min(shape) < 1 or 0 in run.shape:
         raise ValueError(f"fit_run_to_shape needs a non-empty (X, Y, Z, T) array and 3 positive "
                          f"sizes, got array {run.shape} and shape {shape}")
-    box = _brain_box(run)
+    box = mask_box(brain_mask(run.mean(axis=3, dtype=np.float64)))
+    windows = crop_windows(run.shape[:3], shape, box)
     crops, pads = [], []
     for axis, (n, t, (lo, hi)) in enumerate(zip(run.shape[:3], shape, box, strict=True)):
         if hi - lo > t:
@@ -325,8 +311,7 @@ def fit_run_to_shape(run: np.ndarray, shape, *, path: str | Path | None = None,
                 path=path, record_id=record_id,
                 fix="raise image_size on that axis (keep it a multiple of the patch size) or "
                     "resample to coarser voxels (voxel_size)")
-        start = _crop_start(n, t, lo, hi) if n > t else 0
-        crops.append(slice(start, start + min(n, t)))
+        crops.append(windows[axis])  # the brain fits: its box lies inside the window
         before = max(t - n, 0) // 2
         pads.append((before, max(t - n, 0) - before))
     out = np.full((*shape, run.shape[3]), float(run.min()), dtype=np.float32)

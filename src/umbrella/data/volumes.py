@@ -232,10 +232,11 @@ def head_windows(data: np.ndarray, shape) -> list[slice]:
     it is given ``keep=brain_mask(data)``: the window holding the head's bounding box, as
     central as possible; a head longer than the window keeps its centre, except along the
     inferior-superior axis (2), where the top is kept and the neck is dropped."""
-    return _windows(data.shape, shape, _box(brain_mask(data)))
+    return crop_windows(data.shape, shape, mask_box(brain_mask(data)))
 
 
-def _box(mask: np.ndarray) -> list[tuple[int, int]]:
+def mask_box(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Per axis the half-open [lo, hi) extent of a bool mask (the whole axis when it is empty)."""
     box = []
     for axis in range(3):
         idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -243,8 +244,11 @@ def _box(mask: np.ndarray) -> list[tuple[int, int]]:
     return box
 
 
-def _windows(have, want, box=None) -> list[slice]:
-    """Crop windows per axis; ``box`` None: central."""
+def crop_windows(have, want, box=None) -> list[slice]:
+    """Crop windows (slices) per axis from ``have`` to ``want`` voxels: a window that holds
+    ``box`` (per axis [lo, hi)), as central as possible; a box longer than the window keeps its
+    centre, except along axis 2 (inferior-superior), which keeps the top. ``box`` None: central.
+    An axis not longer than its target keeps everything (``slice(0, n)``)."""
     out = []
     for axis, (n, t) in enumerate(zip(have, want, strict=True)):
         lo, hi = box[axis] if box is not None else (0, n)
@@ -279,7 +283,7 @@ def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad",
         return _resize(np.asarray(data, dtype=np.float32), shape)
     if mode != "crop_pad":
         raise ValueError(f"fit_to_shape mode must be one of {SPATIAL_MODES}, got {mode!r}")
-    crops = _windows(data.shape, shape, _box(keep) if keep is not None else None)
+    crops = crop_windows(data.shape, shape, mask_box(keep) if keep is not None else None)
     pads = []
     for n, t in zip(data.shape, shape, strict=True):
         before = max(t - n, 0) // 2

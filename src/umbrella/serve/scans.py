@@ -31,8 +31,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from umbrella.data.dmri import _is_series, compute_scalar_map, find_gradients
-from umbrella.data.fmri import _brain_box, _crop_start, take_window
+from umbrella.data.dmri import compute_scalar_map, find_gradients, is_dwi_series
+from umbrella.data.fmri import take_window
 from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import ImageRef
 from umbrella.data.volumes import head_windows, read_canonical, resample_to_spacing
@@ -86,7 +86,7 @@ def read_checked(path: Path, modality: str) -> tuple[np.ndarray, np.ndarray]:
     def fail(message: str, fix: str) -> VolumeError:
         return VolumeError(message, path=path.name, fix=fix)
 
-    four_d = modality == "rsfMRI" or (modality == "dMRI" and _is_series(path, None))
+    four_d = modality == "rsfMRI" or (modality == "dMRI" and is_dwi_series(path, None))
     return read_canonical(path, 4 if four_d else 3, fail,
                           "rsfMRI needs a 4D run; T1 and dMRI maps a 3D volume")
 
@@ -134,15 +134,10 @@ def model_input_affine(mean: np.ndarray, affine: np.ndarray, spec: ModalityInput
     target = np.array(s.image_size)
     if not spec.is_fmri and s.spatial == "resize":
         return _resampled_affine(affine, shape, target)
-    box = _brain_box(mean[..., None]) if spec.is_fmri else None
-    windows = None if spec.is_fmri else head_windows(mean, tuple(int(t) for t in target))
-    shift = []
-    for axis, (n, t) in enumerate(zip(shape, target, strict=True)):
-        if spec.is_fmri:
-            start = _crop_start(int(n), int(t), *box[axis]) if n > t else 0
-        else:  # crop_pad keeps the window around the head, as preprocessing does
-            start = windows[axis].start
-        shift.append(start - max(int(t) - int(n), 0) // 2)
+    # crop_pad keeps the window around the brain of the (mean) image, as preprocessing does
+    windows = head_windows(mean, tuple(int(t) for t in target[:3]))
+    shift = [w.start - max(int(t) - int(n), 0) // 2
+             for w, n, t in zip(windows, shape, target[:3], strict=True)]
     return _grid_affine(affine, np.ones(3), np.array(shift, dtype=np.float64))
 
 
@@ -229,7 +224,7 @@ class ScanStore:
 def original_view(scan: Scan, spec: ModalityInput | None) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y, Z) image shown as the scan, and its affine; keeps an rsfMRI run on the scan for
     time courses."""
-    if scan.modality == "dMRI" and _is_series(scan.path, None):
+    if scan.modality == "dMRI" and is_dwi_series(scan.path, None):
         kind = spec.dmri_map if spec is not None else "FA"
         bval, bvec = find_gradients(scan.path)
         return compute_scalar_map(scan.path, bval, bvec, kind)
