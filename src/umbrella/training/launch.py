@@ -54,3 +54,12 @@ def finish_worker(code: int = 0) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when no process group is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -29,6 +29,7 @@ from umbrella.data.records import Record
 from umbrella.errors import ConfigError, RecordError
 from umbrella.model.answering import score_options_cached
 from umbrella.task_registry import TaskSpec, task_for_record
+from umbrella.training.launch import rank_and_world
 
 GRID = 17  # regression candidates per task
 
@@ -115,7 +116,7 @@ class ValidationMetric:
         return float((weights * torch.tensor(task.values)).sum())
 
     def __call__(self, model) -> dict[str, float]:
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         mine = self.items[rank::world]
         per_rank = -(-len(self.items) // world)
         padded = mine + [self.items[0]] * (per_rank - len(mine))  # same forward count per rank
@@ -143,10 +144,3 @@ class ValidationMetric:
                 scores.append(1.0 - mae / max(task.baseline_mae, 1e-12))
         out["score"] = float(np.mean(scores))
         return out
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
