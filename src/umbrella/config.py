@@ -132,6 +132,9 @@ class TrainingConfig:
     select_best: str = "auto"
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: off)
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
+    # regression answers: soft targets for their digits, N(answer, s * sd of the task's training
+    # answers) marginalised per digit (umbrella.data.numeric_labels); 0: one-hot digits
+    numeric_label_smoothing: float = 0.0
 
 
 @dataclass

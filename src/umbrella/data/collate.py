@@ -6,6 +6,8 @@ Output::
     pixel_values: {modality: (n_images_of_modality, C, D, H, W)}   ((..., T) for rsfMRI windows)
     image_order: [(modality, index in its stack), ...] in order of appearance over the batch
     ids: [record id, ...]
+    soft_index (N, 2) [row, position], soft_weights (N, 10), soft_token_ids (10,): soft digit
+        targets of numeric answers, when the samples carry them (umbrella.data.numeric_labels)
 
 Each modality's images are copied once, each into its slot of a buffer allocated for the batch
 (contiguous, in the shape above):
@@ -80,6 +82,15 @@ class BrainCollator:
         }
         if "labels" in samples[0]:
             batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)
+        soft = [(row, s) for row, s in enumerate(samples) if "soft_positions" in s]
+        if soft:
+            shift = [length - len(s["input_ids"]) if self.padding_side == "left" else 0
+                     for s in samples]
+            batch["soft_index"] = torch.cat([torch.stack(
+                [torch.full_like(s["soft_positions"], row), s["soft_positions"] + shift[row]], 1)
+                for row, s in soft])
+            batch["soft_weights"] = torch.cat([s["soft_weights"] for _, s in soft])
+            batch["soft_token_ids"] = soft[0][1]["soft_token_ids"]
         return batch
 
 

@@ -6,7 +6,9 @@ One sample::
                                            # cache or memo (the collator casts), else float32
                                            # T1/dMRI (1, D, H, W); rsfMRI window (1, D, H, W, L)
      "input_ids": (L_text,) long, "attention_mask": (L_text,) long, "labels": (L_text,) long,
-     "id", "subject_id", "study", "task", "metadata"}
+     "id", "subject_id", "study", "task", "metadata",
+     # with numeric label smoothing, for a regression answer (umbrella.data.numeric_labels):
+     "soft_positions": (n,) long, "soft_weights": (n, 10) float, "soft_token_ids": (10,) long}
 
 Each ``<image>`` is expanded to its modality's token count before the sample leaves the dataset.
 
@@ -27,6 +29,7 @@ from torch.utils.data import Dataset
 from umbrella.data.cache import PreprocessCache
 from umbrella.data.fmri import take_window
 from umbrella.data.inputs import ModalityInput, count_frames
+from umbrella.data.numeric_labels import NumericLabels
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Record
 from umbrella.data.sampling import group_key
@@ -85,7 +88,7 @@ class InstructionDataset(Dataset):
                  inputs: dict[str, ModalityInput], *, augment: dict[str, VolumeAugment] | None = None,
                  seed: int = 0, max_length: int | None = None, memoize: bool = False,
                  cache: PreprocessCache | None = None, windows: str = "random",
-                 bad_samples: BadSamplePolicy | None = None):
+                 bad_samples: BadSamplePolicy | None = None, numeric: NumericLabels | None = None):
         if windows not in WINDOW_MODES:
             raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
         self.encoder, self.inputs, self.cache, self.windows = encoder, inputs, cache, windows
@@ -93,8 +96,11 @@ class InstructionDataset(Dataset):
         self.augment, self.seed, self.epoch = augment or {}, seed, 0
         self.memo: dict[str, np.ndarray] | None = {} if memoize else None
         encoded = {r.id: self._encode(r, max_length) for r in records}
+        self.numeric = numeric
+        soft = {r.id: numeric.targets(r, encoded[r.id].labels) for r in records} if numeric else {}
         self.records, self.starts = self._items(list(records))
         self.encoded = [encoded[r.id] for r in self.records]
+        self.soft = [soft.get(r.id) for r in self.records]  # (positions, (n, 10)) or None
         self.bad = bad_samples or BadSamplePolicy("error")
         self.groups = [group_key(r.modalities) for r in self.records]
 
@@ -209,6 +215,13 @@ class InstructionDataset(Dataset):
         meta = dict(rec.metadata)
         if self.starts[index] is not None:
             meta["window_start"] = self.starts[index]
-        return {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.tensor(enc.labels, dtype=torch.long), "id": rec.id,
-                "subject_id": rec.subject_id, "study": rec.study, "task": rec.task, "metadata": meta}
+        sample = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "labels": torch.tensor(enc.labels, dtype=torch.long), "id": rec.id,
+                  "subject_id": rec.subject_id, "study": rec.study, "task": rec.task,
+                  "metadata": meta}
+        if self.soft[index] is not None:
+            positions, weights = self.soft[index]
+            sample["soft_positions"] = torch.tensor(positions, dtype=torch.long)
+            sample["soft_weights"] = torch.from_numpy(weights)
+            sample["soft_token_ids"] = torch.tensor(self.numeric.digit_ids, dtype=torch.long)
+        return sample

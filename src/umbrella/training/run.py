@@ -41,6 +41,7 @@ from umbrella.data.catalog import (
 )
 from umbrella.data.collate import BrainCollator
 from umbrella.data.dataset import BadSamplePolicy, InstructionDataset
+from umbrella.data.numeric_labels import NumericLabels
 from umbrella.data.prompts import PromptEncoder
 from umbrella.data.tokenizer import record_texts, train_tokenizer
 from umbrella.data.volumes import VolumeAugment
@@ -115,6 +116,9 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
         return BadSamplePolicy(cfg.dataset.on_bad_sample, cfg.dataset.max_bad_fraction,
                                run_dir / "bad_samples.jsonl")
 
+    smoothing = cfg.training.numeric_label_smoothing
+    common["numeric"] = (NumericLabels(encoder.tok, splits["train"], smoothing)
+                         if smoothing > 0 else None)
     train = InstructionDataset(splits["train"], augment=augment, windows="random",
                                bad_samples=policy(), **common)
     val = (InstructionDataset(splits["val"], windows="first", bad_samples=policy(), **common)

@@ -16,10 +16,12 @@ import re
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import seed_worker
 
+from umbrella.data.prompts import IGNORE_INDEX
 from umbrella.data.sampling import ModalityBatchSampler, group_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_order")
@@ -44,12 +46,42 @@ def idle_term(model, used: set[str]) -> torch.Tensor | None:
     return torch.stack([p.sum() for p in idle]).sum() * 0.0
 
 
+def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, soft_index: torch.Tensor,
+                     soft_weights: torch.Tensor, token_ids: torch.Tensor,
+                     num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens, with soft targets at ``soft_index``
+    ([row, label position]: a distribution ``soft_weights`` over ``token_ids``) and one-hot
+    targets elsewhere; summed, then divided by ``num_items_in_batch`` (gradient accumulation)
+    or by the number of answer tokens, as transformers' own loss."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    rows, cols = soft_index[:, 0], soft_index[:, 1] - 1  # label position t is predicted at t - 1
+    log_p = torch.log_softmax(logits[rows, cols], dim=-1)[:, token_ids]
+    soft = -(soft_weights.to(log_p.dtype) * log_p).sum(-1)
+    per_token = per_token.index_put((rows, cols), soft)
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(count):
+        count = count.to(per_token.device)
+    return per_token.sum() / count
+
+
 def unified_loss(model, inputs: dict, num_items_in_batch=None):
-    """Mean NLL over the batch's answer tokens (+ the zero idle-modality term while training)."""
+    """Mean NLL over the batch's answer tokens (+ the zero idle-modality term while training).
+    Numeric answers with soft digit targets (``soft_index`` in the batch) are scored against
+    them (:func:`soft_target_loss`)."""
     batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-    if num_items_in_batch is not None:
-        batch["num_items_in_batch"] = num_items_in_batch
-    outputs = model(**batch)
+    soft = inputs.get("soft_index")
+    if soft is not None and len(soft):
+        labels = batch.pop("labels")
+        outputs = model(**batch)
+        outputs.loss = soft_target_loss(outputs.logits, labels, soft, inputs["soft_weights"],
+                                        inputs["soft_token_ids"], num_items_in_batch)
+    else:
+        if num_items_in_batch is not None:
+            batch["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**batch)
     loss = outputs.loss
     if model.training:
         zero = idle_term(model, set(batch.get("pixel_values", {})))
