@@ -97,6 +97,9 @@ class ModelConfig:
     token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
     patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
+    # subtract the training population's mean image (running statistics saved with the weights)
+    # before the patch embedding, and scale the deviations to unit size (PopulationCentering)
+    center_inputs: bool = False
 
 
 @dataclass

@@ -36,6 +36,8 @@ def check_modality(name: str, spec: dict) -> dict:
                              f"patch_size[{axis}]={patch}; change one of them")
     out = {"in_channels": int(spec.get("in_channels", 1)), "image_size": image_size,
            "patch_size": patch_size, "embed": spec.get("embed", "linear")}
+    if spec.get("center"):
+        out["center"] = True
     if out["embed"] not in PATCH_EMBEDS:
         raise ValueError(f"{name}: embed={out['embed']!r} is not a patch embedding; choose one of "
                          f"{', '.join(PATCH_EMBEDS)} (config key model.patch_embed)")

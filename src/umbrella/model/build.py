@@ -95,6 +95,8 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
     out, problems = {}, []
     for name, spec in modalities.items():
         out[name] = spec = {"embed": cfg.patch_embed, **spec}
+        if cfg.center_inputs:
+            spec.setdefault("center", True)
         if spec["embed"] == "conv":
             spec.setdefault("stem_channels", list(cfg.stem_channels))
             geometry = check_modality(name, {**spec, "embed": "linear"})

@@ -54,6 +54,54 @@ class StemStage(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
+class PopulationCentering(nn.Module):
+    """Subtracts the training population's mean image, voxel by voxel, and divides by one number,
+    the root mean square of the population's voxel standard deviations (``center`` in the spec).
+
+    Every brain of a cohort shares most of its image with every other (the same anatomy in the
+    same place after preprocessing); what tells subjects apart is a small deviation from that
+    common image. Removing the mean image hands the patch embedding the deviations at unit scale,
+    as a voxel-wise linear model standardises its features. The statistics are running sums over
+    every training batch (Chan et al.'s parallel update, float64), persistent buffers saved with
+    the weights, frozen outside training; time (4D inputs) counts as more samples of each voxel.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(shape, dtype=torch.float64))
+
+    def reset(self) -> None:
+        self.count.zero_()
+        self.mean.zero_()
+        self.m2.zero_()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Adds a batch (B, C, D, H, W) or (B, C, D, H, W, T) to the running statistics."""
+        x = x.detach().to(torch.float64)
+        if x.dim() == 6:
+            x = x.permute(0, 5, 1, 2, 3, 4).reshape(-1, *x.shape[1:5])
+        n = x.shape[0]
+        mean = x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta ** 2 * (self.count * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(x)
+        if self.count < 2:
+            return x
+        scale = (self.m2 / (self.count - 1)).mean().sqrt().clamp_min(1e-6)
+        mean = self.mean if x.dim() == 5 else self.mean[..., None]
+        return (x - mean.to(x.dtype)) / scale.to(x.dtype)
+
+
 class BrainPatchEmbedding(nn.Module):
     """Patches -> (optional convolutional stem ->) projection + learned position table of this
     modality.
@@ -84,6 +132,8 @@ class BrainPatchEmbedding(nn.Module):
             channels = widths[-1]
         self.proj = nn.Conv3d(channels, hidden_size, kernel_size=kernel, stride=kernel)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
+        self.center = (PopulationCentering((self.in_channels, *self.image_size[:3]))
+                       if spec.get("center") else None)
 
     def _compute_dtype(self, pixel_values: torch.Tensor) -> torch.dtype:
         """The dtype the projection runs in: autocast's where it is on (float16 batches are cast
@@ -106,6 +156,8 @@ class BrainPatchEmbedding(nn.Module):
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
                              f"modality's (B, {', '.join(map(str, expected))})")
+        if self.center is not None:
+            pixel_values = self.center(pixel_values.float())
         x = pixel_values.to(self._compute_dtype(pixel_values))
         batch = x.shape[0]
         if self.time_patch is not None:
@@ -129,6 +181,8 @@ class BrainViTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, PopulationCentering):
+            module.reset()
         if isinstance(module, BrainPatchEmbedding):  # runs after its children: overrides them
             init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
             if module.stem is not None:
