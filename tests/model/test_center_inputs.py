@@ -74,9 +74,11 @@ def test_centering_is_saved_with_the_weights_and_reloads_exactly(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_off_by_default():
+def test_on_by_default_and_off_on_request():
     tok = train_tokenizer(["What is the sex of this subject? male female"] * 4, 300)
-    model = build_brain_llava(ModelConfig(), GEOM, tok, seed=0)
+    assert all(e.center is not None for e in build_brain_llava(
+        ModelConfig(), GEOM, tok, seed=0).model.vision_tower.embeddings.values())
+    model = build_brain_llava(ModelConfig(center_inputs=False), GEOM, tok, seed=0)
     assert all(e.center is None for e in model.model.vision_tower.embeddings.values())
     assert not [n for n in model.state_dict() if ".center." in n]
     assert np.isfinite(sum(p.sum().item() for p in model.parameters()))
