@@ -83,6 +83,13 @@ VOXEL_MM = 2.0
 SESSION_IMAGE_SIZE = (56, 64, 56)  # rsfMRI / dMRI grid at SESSION_VOXEL_MM
 SESSION_VOXEL_MM = 4.0
 ORIENTATION = ("L", "A", "S")  # axis codes of the stored images
+ANATOMY_STREAM = 4  # SeedSequence([seed, index, 4]): the subject's individual anatomy
+ANATOMY_RMS_MM = 4.0  # rms over the brain of the velocity whose flow is the deformation
+ANATOMY_SMOOTH_MM = 10.0  # Gaussian sigma smoothing the white-noise vector potential
+ANATOMY_GRID_MM = 6.0  # spacing of the coarse grid the field lives on (then trilinear)
+ANATOMY_MARGIN_MM = 16.0  # the coarse grid covers the template's array plus this on every side
+ANATOMY_STEPS = 5  # scaling and squaring: the flow as 2**5 composed small steps
+ANATOMY_MAX_MM = 10.0  # no brain point moves farther (the velocity is scaled down if one would)
 
 
 def _phi(x: float) -> float:
@@ -306,7 +313,8 @@ def aged_t1(brain_age: float) -> np.ndarray:
 
 def synthesize_t1(job) -> np.ndarray:
     """Float32 T1 (RAS+ grid) of one realistic subject; job is a cohort ``_Job`` carrying the
-    subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``."""
+    subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``, the
+    individual anatomy from :func:`individual_anatomy`."""
     from scipy.ndimage import map_coordinates
 
     tpl = _anatomy._template()
@@ -314,13 +322,134 @@ def synthesize_t1(job) -> np.ndarray:
     draw = draw_position(rng) | {"scale": job.scale}
     gain = rng.uniform(1 - GAIN_RANGE, 1 + GAIN_RANGE)
     bias_coef, bias_amp = rng.normal(size=9), rng.uniform(0.0, BIAS_MAX)
-    coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age))
+    coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age),
+                                     displace=individual_anatomy(job.seed, job.index).displace)
     vol = map_coordinates(aged_t1(job.brain_age), coords, order=1, mode="constant", cval=0.0,
                           prefilter=False)
     vol *= _anatomy.WM_LEVEL * gain
     vol *= _anatomy._bias_field(job.image_size, bias_coef, bias_amp)
     noise = rng.standard_normal(job.image_size) * (NOISE_SD * _anatomy.WM_LEVEL * gain)
     return np.abs(vol + noise).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- individual anatomy
+
+@dataclass(frozen=True)
+class _AnatomyGrid:
+    """The coarse grid of the individual-anatomy fields (template space, MNI mm)."""
+
+    origin: np.ndarray  # MNI mm of node (0, 0, 0)
+    shape: tuple[int, int, int]
+    near_brain: np.ndarray  # bool (shape): nodes whose displacement can reach a brain point
+    brain: np.ndarray  # bool (shape): nodes inside the template brain mask
+
+
+_ANATOMY_GRID: tuple[int, _AnatomyGrid] | None = None
+
+
+def _anatomy_grid() -> _AnatomyGrid:
+    """Built once per template: covers its array plus ANATOMY_MARGIN_MM at ANATOMY_GRID_MM."""
+    global _ANATOMY_GRID
+    from scipy.ndimage import distance_transform_edt, map_coordinates
+
+    tpl = _anatomy._template()
+    if _ANATOMY_GRID is not None and _ANATOMY_GRID[0] == id(tpl):
+        return _ANATOMY_GRID[1]
+    affine = np.linalg.inv(tpl.inv_affine)
+    lo = affine[:3, 3] - ANATOMY_MARGIN_MM
+    hi = affine[:3, :3] @ (np.asarray(tpl.mask.shape) - 1) + affine[:3, 3] + ANATOMY_MARGIN_MM
+    shape = tuple(int(n) for n in np.ceil((hi - lo) / ANATOMY_GRID_MM).astype(int) + 1)
+    nodes = np.indices(shape).reshape(3, -1) * ANATOMY_GRID_MM + lo[:, None]
+    vox = tpl.inv_affine[:3, :3] @ nodes + tpl.inv_affine[:3, 3:]
+    brain = map_coordinates(tpl.mask.astype(np.float32), vox, order=1).reshape(shape) > 0.5
+    # a node moves brain points if it is one trilinear cell (and the largest move) away
+    reach = ANATOMY_MAX_MM + math.sqrt(3) * ANATOMY_GRID_MM
+    near = distance_transform_edt(~brain) * ANATOMY_GRID_MM <= reach
+    grid = _AnatomyGrid(lo, shape, near, brain)
+    _ANATOMY_GRID = (id(tpl), grid)
+    return grid
+
+
+def _sample(field: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Trilinear samples (3, n) of a (3, *shape) field at grid indices (3, n); edge-clamped."""
+    from scipy.ndimage import map_coordinates
+
+    return np.stack([map_coordinates(f, index, order=1, mode="nearest", prefilter=False)
+                     for f in field])
+
+
+def _flow(velocity: np.ndarray, steps: int = ANATOMY_STEPS) -> np.ndarray:
+    """Displacement (mm) of the flow of a stationary velocity field (mm per unit time) over unit
+    time, by scaling and squaring: u <- v / 2**steps, then ``steps`` times u <- u + u(x + u)."""
+    shape = velocity.shape[1:]
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    u = velocity.reshape(3, -1) / 2.0 ** steps
+    for _ in range(steps):
+        u = u + _sample(u.reshape(3, *shape), index + u / ANATOMY_GRID_MM)
+    return u.reshape(velocity.shape)
+
+
+def _curl(a: np.ndarray) -> np.ndarray:
+    """Curl (central differences, mm) of a (3, *shape) vector potential on the coarse grid."""
+    g = [np.gradient(c, ANATOMY_GRID_MM) for c in a]  # g[i][j] = d a_i / d x_j
+    return np.stack([g[2][1] - g[1][2], g[0][2] - g[2][0], g[1][0] - g[0][1]])
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One subject's individual anatomy: a smooth, volume-preserving deformation of template
+    space. ``forward`` (3, *grid) mm: a point ``y`` samples the template at ``y + forward(y)``
+    (before the ventricle warp); ``velocity``: the divergence-free field whose flow it is."""
+
+    velocity: np.ndarray  # (3, *grid) mm
+    forward: np.ndarray  # (3, *grid) mm
+    velocity_scale: float  # < 1 when the velocity was scaled down to keep ANATOMY_MAX_MM
+
+    def _index(self, points: np.ndarray) -> np.ndarray:
+        origin = _anatomy_grid().origin.reshape(3, *([1] * (points.ndim - 1)))
+        return (points - origin) / ANATOMY_GRID_MM
+
+    def displace(self, points: np.ndarray) -> np.ndarray:
+        """Template-space points (3, ...) MNI mm -> the template points they sample."""
+        shape = points.shape
+        flat = points.reshape(3, -1)
+        return (flat + _sample(self.forward, self._index(flat))).reshape(shape)
+
+    def undisplace(self, points: np.ndarray) -> np.ndarray:
+        """The inverse map, (n, 3) MNI mm: where template points land (the flow of -velocity,
+        exact up to the discretisation)."""
+        inverse = _flow(-self.velocity)
+        flat = points.T
+        return (flat + _sample(inverse, self._index(flat))).T
+
+
+def individual_anatomy(seed: int, index: int) -> Anatomy:
+    """Subject ``index``'s deformation, from ``SeedSequence([seed, index, ANATOMY_STREAM])``.
+
+    The velocity is the curl of a vector potential (three fields of white noise on the coarse
+    grid, each smoothed by a Gaussian of sigma ANATOMY_SMOOTH_MM), so it is divergence-free; it
+    is scaled to an rms of ANATOMY_RMS_MM over the template brain. The deformation is its flow
+    over unit time, whose Jacobian determinant is 1 (volumes, e.g. the ventricles' and the grey
+    matter's, are kept up to the discretisation). Should any point near the brain move farther
+    than ANATOMY_MAX_MM, the velocity is scaled down until none does (a bounded field of view).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    grid = _anatomy_grid()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, ANATOMY_STREAM]))
+    noise = rng.standard_normal((3, *grid.shape))
+    potential = np.stack([gaussian_filter(n, ANATOMY_SMOOTH_MM / ANATOMY_GRID_MM, mode="wrap")
+                          for n in noise])
+    velocity = _curl(potential)
+    velocity *= ANATOMY_RMS_MM / math.sqrt(float((velocity[:, grid.brain] ** 2).sum(0).mean()))
+    scale = 1.0
+    while True:
+        forward = _flow(velocity)
+        reach = float(np.sqrt((forward[:, grid.near_brain] ** 2).sum(0)).max())
+        if reach <= ANATOMY_MAX_MM:
+            return Anatomy(velocity, forward, scale)
+        shrink = 0.98 * ANATOMY_MAX_MM / reach
+        velocity, scale = velocity * shrink, scale * shrink
 
 
 # ----------------------------------------------------------------------------- field of view
