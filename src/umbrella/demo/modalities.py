@@ -260,7 +260,7 @@ def _session(job: SessionJob) -> tuple[np.ndarray, np.random.Generator]:
         anatomy = individual_anatomy(job.seed, job.index)  # the subject's, as in its T1
         return _anatomy._source_coords(grid, draw, _anatomy._template(),
                                       pull=ventricle_pull(job.brain_age),
-                                      displace=anatomy.displace), rng
+                                      displace=anatomy.displace_grid), rng
     t1_rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
     scale = _anatomy._draw_nuisance(t1_rng, job.sex, job.sex_scale)["scale"]  # the T1's anatomy
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
