@@ -187,8 +187,8 @@ def test_forward_map_inverts_the_sampler_with_individual_anatomy():
 
 
 def test_brain_inside_for_extreme_draws_with_individual_anatomy():
-    """The sampler with the individual anatomies of several subjects (the largest-moving ones
-    of 12), at the largest scale, rotation and translation towards every corner: the brain
+    """The sampler with the individual anatomies of several subjects (the two largest-moving
+    of 8), at the largest scale, rotation and translation towards every corner: the brain
     stays within the rsfMRI grid (the tightest default)."""
     from scipy.ndimage import map_coordinates
 
@@ -199,9 +199,9 @@ def test_brain_inside_for_extreme_draws_with_individual_anatomy():
     inner = tuple(slice(pad, pad + n) for n in R.SESSION_IMAGE_SIZE)
     job = _Job(0, 0, "male", 60.0, size, voxel, 0.0, "", variant="realistic")
     surface = R._mask_surface_mm()
-    anatomies = [R.individual_anatomy(0, i) for i in range(12)]
+    anatomies = [R.individual_anatomy(0, i) for i in range(8)]
     moves = [np.abs(a.undisplace(surface) - surface).max() for a in anatomies]
-    for i in np.argsort(moves)[-3:]:
+    for i in np.argsort(moves)[-2:]:
         for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
             draw = {"scale": R.max_scale("rsfMRI"), "translation": sign * R.TRANSLATION_MM,
                     "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
@@ -221,6 +221,19 @@ def test_individual_anatomy_deterministic_and_latents_unchanged():
     lat = R.subject_latents(0, 1, "male", 60)
     assert lat == R.Latents(scale=1.0360629491475286, brain_age=57.040751841209044,
                             rsfmri_scale=0.9787383097518734, coupling=0.471302909012737)
+
+
+def test_grid_sampling_matches_pointwise_sampling():
+    """displace_grid (T1 grids: every second point, then linear) stays close to displace, and
+    is displace itself on coarser grids."""
+    anatomy = R.individual_anatomy(0, 3)
+    for shape, voxel, rms in (((23, 26, 21), 2.0, 0.15), ((9, 10, 9), 4.0, 0.0)):
+        lin = _rotation(np.deg2rad([5.0, -3.0, 7.0])) * voxel
+        off = np.array([0.0, -17.0, 5.0]) - lin @ ((np.asarray(shape) - 1) / 2)
+        points = np.tensordot(lin, np.indices(shape, dtype=np.float64), axes=1) \
+            + off[:, None, None, None]
+        diff = anatomy.displace_grid(points) - anatomy.displace(points)
+        assert np.sqrt((diff ** 2).sum(0).mean()) <= rms + 1e-9
 
 
 def _template_grid_mm():
@@ -264,6 +277,8 @@ class _NoAnatomy:
     @staticmethod
     def displace(points):
         return points
+
+    displace_grid = displace
 
 
 def test_sessions_follow_the_individual_anatomy(monkeypatch):
