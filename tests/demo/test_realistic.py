@@ -178,7 +178,8 @@ def test_forward_map_inverts_the_sampler_with_individual_anatomy():
     job = _Job(0, 0, "male", 60.0, (14, 16, 14), 8.0, 0.0, "", variant="realistic")
     anatomy, pull = R.individual_anatomy(2, 9), 0.2
     coords = _source_coords(job, draw, tpl, pull=pull, displace=anatomy.displace).reshape(3, -1)
-    template_mm = (np.linalg.inv(tpl.inv_affine)[:3] @ np.vstack([coords, np.ones(coords.shape[1])])).T
+    affine = np.linalg.inv(tpl.inv_affine)
+    template_mm = (affine[:3, :3] @ coords + affine[:3, 3:]).T
     out = output_affine(job.image_size, 8.0)
     world = np.indices(job.image_size).reshape(3, -1).T @ out[:3, :3].T + out[:3, 3]
     back = R.brain_in_fov_mm(template_mm, draw["scale"], draw["rotation"], draw["translation"],

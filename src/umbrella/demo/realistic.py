@@ -49,9 +49,10 @@ Nuisance, as in native-space scans: rotation uniform +-8 deg per axis, translati
 uniform in [0, 20 %], Gaussian noise of sd 3 % of the white-matter level (magnitude image). T1
 images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
 largest rotation and translation and the individual anatomy's largest move stays inside, checked
-by :func:`fov_slack_mm` when a cohort is built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm over the same field of view; all are
-stored in LAS orientation (x flipped: radiological, as FSL writes) as int16 NIfTI with
-scl_slope. Frame-folder rsfMRI runs stay RAS (their format has no affine).
+by :func:`fov_slack_mm` when a cohort is built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm
+over the same field of view; all are stored in LAS orientation (x flipped: radiological, as FSL
+writes) as int16 NIfTI with scl_slope. Frame-folder rsfMRI runs stay RAS (their format has no
+affine).
 
 The cohort root gets ``truth.json`` (the achievable score per task and modality, and every
 planted parameter) and ``planted.csv`` (each subject's hidden variables).
@@ -493,7 +494,8 @@ def individual_anatomy(seed: int, index: int) -> Anatomy:
     is scaled to an rms of ANATOMY_RMS_MM over the template brain. The deformation is its flow
     over unit time, whose Jacobian determinant is 1 (volumes, e.g. the ventricles' and the grey
     matter's, are kept up to the discretisation). Should any point near the brain's surface move
-    farther than ANATOMY_MAX_MM, the velocity is scaled down until none does (a bounded field of view).
+    farther than ANATOMY_MAX_MM, the velocity is scaled down until none does (a bounded field of
+    view).
     """
     from scipy.ndimage import gaussian_filter
 
