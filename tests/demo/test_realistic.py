@@ -103,6 +103,7 @@ def test_truth_json_shape(cohort):
                                                                       abs=1e-4)
     assert truth["planted"] == R.planted_parameters()
     assert truth["planted"]["age"]["brain_age_sd"] == R.BRAIN_AGE_SD
+    assert truth["planted"]["individual_anatomy"]["velocity_rms_mm"] == R.ANATOMY_RMS_MM
     manifest = json.loads((cohort.root / "cohort.json").read_text())
     assert manifest["parameters"]["variant"] == "realistic"
     assert manifest["parameters"]["planted"] == truth["planted"]
@@ -126,8 +127,10 @@ def test_planted_csv_matches_the_sampler(cohort):
 # ----------------------------------------------------------------------------- field of view
 
 def test_default_grids_hold_the_largest_brain():
-    assert R.fov_slack_mm(R.IMAGE_SIZE, R.VOXEL_MM, R.max_scale("T1")) > 5
-    assert R.fov_slack_mm(R.SESSION_IMAGE_SIZE, R.SESSION_VOXEL_MM, R.max_scale("rsfMRI")) > 5
+    """Positive slack with the individual anatomy's largest move counted (it takes most of it:
+    about 14 mm before, 3.5 mm T1 / 1 mm rsfMRI after)."""
+    assert R.fov_slack_mm(R.IMAGE_SIZE, R.VOXEL_MM, R.max_scale("T1")) > 2
+    assert R.fov_slack_mm(R.SESSION_IMAGE_SIZE, R.SESSION_VOXEL_MM, R.max_scale("rsfMRI")) > 0.5
     assert R.fov_slack_mm((96, 96, 96), 2.1, R.max_scale("T1")) < 0  # the basic grid would clip
 
 
@@ -165,6 +168,132 @@ def test_whole_brain_inside_for_extreme_draws():
         outside = warped.copy()
         outside[inner] = 0
         assert outside.max() == 0  # not one brain voxel beyond the field of view
+
+
+def test_forward_map_inverts_the_sampler_with_individual_anatomy():
+    """With the individual anatomy the forward map inverts the sampler up to the flow's
+    discretisation (its inverse is the flow of the negated velocity)."""
+    tpl = _template()
+    draw = R.draw_position(np.random.default_rng(6)) | {"scale": 0.97}
+    job = _Job(0, 0, "male", 60.0, (14, 16, 14), 8.0, 0.0, "", variant="realistic")
+    anatomy, pull = R.individual_anatomy(2, 9), 0.2
+    coords = _source_coords(job, draw, tpl, pull=pull, displace=anatomy.displace).reshape(3, -1)
+    affine = np.linalg.inv(tpl.inv_affine)
+    template_mm = (affine[:3, :3] @ coords + affine[:3, 3:]).T
+    out = output_affine(job.image_size, 8.0)
+    world = np.indices(job.image_size).reshape(3, -1).T @ out[:3, :3].T + out[:3, 3]
+    back = R.brain_in_fov_mm(template_mm, draw["scale"], draw["rotation"], draw["translation"],
+                             pull, anatomy)
+    assert np.abs(back - world).max() < 1.0  # mm, against moves of up to 10 mm
+
+
+def test_brain_inside_for_extreme_draws_with_individual_anatomy():
+    """The sampler with the individual anatomies of several subjects (the two largest-moving
+    of 8), at the largest scale, rotation and translation towards every corner: the brain
+    stays within the rsfMRI grid (the tightest default)."""
+    from scipy.ndimage import map_coordinates
+
+    tpl = _template()
+    mask = tpl.mask.astype(np.float32)
+    pad, voxel = 6, 4.0
+    size = tuple(n + 2 * pad for n in R.SESSION_IMAGE_SIZE)
+    inner = tuple(slice(pad, pad + n) for n in R.SESSION_IMAGE_SIZE)
+    job = _Job(0, 0, "male", 60.0, size, voxel, 0.0, "", variant="realistic")
+    surface = R._mask_surface_mm()
+    anatomies = [R.individual_anatomy(0, i) for i in range(8)]
+    moves = [np.abs(a.undisplace(surface) - surface).max() for a in anatomies]
+    for i in np.argsort(moves)[-2:]:
+        for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
+            draw = {"scale": R.max_scale("rsfMRI"), "translation": sign * R.TRANSLATION_MM,
+                    "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
+            warped = map_coordinates(mask, _source_coords(job, draw, tpl, pull=0.0,
+                                                          displace=anatomies[i].displace), order=1)
+            assert warped.sum() > 1000
+            warped[inner] = 0
+            assert warped.max() == 0
+
+
+def test_individual_anatomy_deterministic_and_latents_unchanged():
+    a, b = R.individual_anatomy(0, 1), R.individual_anatomy(0, 1)
+    assert np.array_equal(a.forward, b.forward) and np.array_equal(a.velocity, b.velocity)
+    assert not np.allclose(a.forward, R.individual_anatomy(0, 2).forward)
+    assert not np.allclose(a.forward, R.individual_anatomy(1, 1).forward)
+    # its own stream: the hidden variables are those drawn before individual anatomy existed
+    lat = R.subject_latents(0, 1, "male", 60)
+    assert lat == R.Latents(scale=1.0360629491475286, brain_age=57.040751841209044,
+                            rsfmri_scale=0.9787383097518734, coupling=0.471302909012737)
+
+
+def test_grid_sampling_matches_pointwise_sampling():
+    """displace_grid (T1 grids: every second point, then linear) stays close to displace, and
+    is displace itself on coarser grids."""
+    anatomy = R.individual_anatomy(0, 3)
+    for shape, voxel, rms in (((23, 26, 21), 2.0, 0.15), ((9, 10, 9), 4.0, 0.0)):
+        lin = _rotation(np.deg2rad([5.0, -3.0, 7.0])) * voxel
+        off = np.array([0.0, -17.0, 5.0]) - lin @ ((np.asarray(shape) - 1) / 2)
+        points = np.tensordot(lin, np.indices(shape, dtype=np.float64), axes=1) \
+            + off[:, None, None, None]
+        diff = anatomy.displace_grid(points) - anatomy.displace(points)
+        assert np.sqrt((diff ** 2).sum(0).mean()) <= rms + 1e-9
+
+
+def _template_grid_mm():
+    tpl = _template()
+    affine = np.linalg.inv(tpl.inv_affine)
+    idx = np.indices(tpl.mask.shape).reshape(3, -1)
+    return tpl, affine[:3, :3] @ idx + affine[:3, 3:]
+
+
+def test_individual_anatomy_is_volume_preserving_with_documented_amplitude():
+    """On the template's 2 mm grid: Jacobian determinant near 1 on the brain, grey matter and
+    CSF amounts kept, rms displacement near the documented velocity rms, no point of the
+    brain's surface moved beyond the cap."""
+    from scipy.ndimage import binary_erosion, map_coordinates
+
+    tpl, points = _template_grid_mm()
+    shape = tpl.mask.shape
+    csf = (np.clip(1 - tpl.gm - tpl.wm, 0, 1) * tpl.mask).astype(np.float32)
+    surface = tpl.mask & ~binary_erosion(tpl.mask)
+    rms = []
+    for index in range(3):
+        anatomy = R.individual_anatomy(4, index)
+        source = anatomy.displace(points)
+        u = (source - points).reshape(3, *shape)
+        grad = [np.gradient(c, 2.0) for c in u]
+        jac = np.stack([np.stack([grad[i][j] + (i == j) for j in range(3)], -1)
+                        for i in range(3)], -2)
+        det = np.linalg.det(jac[tpl.mask])
+        assert np.abs(det - 1).mean() < 0.05 and abs(det.mean() - 1) < 0.005
+        vox = tpl.inv_affine[:3, :3] @ source + tpl.inv_affine[:3, 3:]
+        for tissue in (tpl.gm, csf):
+            moved = map_coordinates(tissue, vox, order=1).sum()
+            assert moved == pytest.approx(float(tissue.sum()), rel=0.01)
+        move = np.linalg.norm(u[:, tpl.mask], axis=0)
+        assert np.linalg.norm(u[:, surface], axis=0).max() <= R.ANATOMY_MAX_MM  # the cap
+        # the displacement's rms is the (capped) velocity's, a little less (the flow bends)
+        rms.append(float(np.sqrt((move ** 2).mean())) / (R.ANATOMY_RMS_MM * anatomy.velocity_scale))
+        assert anatomy.velocity_scale > 0.6
+    assert 0.8 < np.mean(rms) < 1.02
+
+
+class _NoAnatomy:
+    @staticmethod
+    def displace(points):
+        return points
+
+    displace_grid = displace
+
+
+def test_sessions_follow_the_individual_anatomy(monkeypatch):
+    """An rsfMRI session's maps follow the subject's own deformation (the one its T1 has):
+    they differ from the same session without it, with the same amount of grey matter."""
+    job = SessionJob("rsfMRI", 2, 5, "male", 60.0, 0.0, GRID, 8.0, "", variant="realistic",
+                     scale=1.0, brain_age=60.0, coupling=0.1)
+    with_anatomy = session_maps(job)["gm"]
+    monkeypatch.setattr(R, "individual_anatomy", lambda seed, index: _NoAnatomy())
+    without = session_maps(job)["gm"]
+    assert np.abs(with_anatomy - without).max() > 0.2
+    assert with_anatomy.sum() == pytest.approx(float(without.sum()), rel=0.02)
 
 
 def test_too_small_field_of_view_refused(tmp_path):

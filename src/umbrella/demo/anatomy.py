@@ -120,12 +120,16 @@ def _draw_nuisance(rng: np.random.Generator, sex: str, sex_scale: float) -> dict
     }
 
 
-def _source_coords(job: _Job, draw: dict, tpl: _Template, pull: float | None = None) -> np.ndarray:
+def _source_coords(job: _Job, draw: dict, tpl: _Template, pull: float | None = None,
+                   displace=None) -> np.ndarray:
     """Template voxel coordinates, shape (3, *image_size), sampled by every output voxel.
 
     Composes output grid -> inverse subject transform (``y = c + s R (p - c) + t``) ->
-    ventricle radial warp -> template voxel, evaluated separably along the grid axes. ``pull``
-    (the warp's strength at its core) defaults to the basic cohort's law of ``job.age``.
+    [``displace``] -> ventricle radial warp -> template voxel, evaluated separably along the grid
+    axes. ``pull`` (the warp's strength at its core) defaults to the basic cohort's law of
+    ``job.age``. ``displace`` (optional): a function of template-space points (3, ...) in MNI
+    mm returning the points they sample (the realistic cohort's individual anatomy,
+    :class:`umbrella.demo.realistic.Anatomy`); None: none.
     """
     out, rot, scale = output_affine(job.image_size, job.voxel_mm), draw["rotation"], draw["scale"]
     centre, vc = np.asarray(FOV_CENTRE_MM), np.asarray(VENTRICLE_CENTRE_MM)
@@ -135,6 +139,9 @@ def _source_coords(job: _Job, draw: dict, tpl: _Template, pull: float | None = N
     d = np.empty((3, *job.image_size))
     for a in range(3):
         d[a] = lin[a, 0] * grid[0] + lin[a, 1] * grid[1] + lin[a, 2] * grid[2] + off[a]
+    if displace is not None:
+        vc_col = vc[:, None, None, None]
+        d = displace(d + vc_col) - vc_col
     if pull is None:
         pull = VENTRICLE_GAIN * _age_fraction(job.age)
     if pull > 0:

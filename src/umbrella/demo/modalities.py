@@ -247,17 +247,20 @@ class SessionJob:
 def _session(job: SessionJob) -> tuple[np.ndarray, np.random.Generator]:
     """Template voxel coordinates (3, *image_size) of the session grid, and the session's rng
     positioned after the head-position draws. Realistic sessions take their scale and brain age
-    from the job and draw the position with :func:`umbrella.demo.realistic.draw_position`."""
+    from the job, draw the position with :func:`umbrella.demo.realistic.draw_position` and
+    deform the template by the subject's individual anatomy (the same as its T1's)."""
     stream = RSFMRI_STREAM if job.modality == "rsfMRI" else DMRI_STREAM
     grid = _anatomy._Job(job.index, job.seed, job.sex, job.age, tuple(job.image_size),
                         job.voxel_mm, job.sex_scale, job.path)
     if job.variant == "realistic":
-        from umbrella.demo.realistic import draw_position, ventricle_pull
+        from umbrella.demo.realistic import draw_position, individual_anatomy, ventricle_pull
 
         rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))
         draw = draw_position(rng) | {"scale": job.scale}
+        anatomy = individual_anatomy(job.seed, job.index)  # the subject's, as in its T1
         return _anatomy._source_coords(grid, draw, _anatomy._template(),
-                                      pull=ventricle_pull(job.brain_age)), rng
+                                      pull=ventricle_pull(job.brain_age),
+                                      displace=anatomy.displace_grid), rng
     t1_rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index]))
     scale = _anatomy._draw_nuisance(t1_rng, job.sex, job.sex_scale)["scale"]  # the T1's anatomy
     rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, stream]))

@@ -29,14 +29,32 @@ order that does not depend on sex (sex only shifts their means):
   anatomy does NOT depend on sex: its brain scale is ``1 + sqrt(d^2 + s^2) * z'`` (one
   sex-independent distribution with the population's spread), so only connectivity tells sex.
 
+Individual anatomy (all modalities, no planted variable): every subject's brain is the aged
+template deformed by a smooth random map of its own, drawn from ``SeedSequence([seed, index,
+ANATOMY_STREAM = 4])`` (the hidden variables, ages and nuisance streams are untouched), so that
+voxels at a fixed place do not hold the same tissue in every subject, as in real brains. The map
+is the flow over unit time of a divergence-free velocity ``v = curl A`` (``A``: three fields of
+white noise on a coarse ``ANATOMY_GRID_MM`` grid in template space, each smoothed by a Gaussian of
+sigma ``ANATOMY_SMOOTH_MM``), scaled to an rms of ``ANATOMY_RMS_MM`` over the brain and then
+down, where needed, until no point near the brain's surface moves more than ``ANATOMY_MAX_MM``.
+The flow of a divergence-free field preserves volume (Jacobian determinant 1 up to the
+discretisation, see :func:`individual_anatomy`), so the ventricles' volume and the amount of grey
+matter, which carry the planted age effects, do not change and the achievable figures stay those
+of the planted variables. It acts before the ventricle warp: ventricles enlarge on the template,
+then the whole brain is deformed. This stops a voxel-wise linear model from reading the
+ventricles at a fixed place, but not the cortical effects: they darken every cortical voxel, and a
+volume-preserving deformation keeps such sums (benchmarks/README.md section 11, "Individual
+anatomy": the classical reference's age MAE hardly moves).
+
 Nuisance, as in native-space scans: rotation uniform +-8 deg per axis, translation uniform
 +-8 mm, gain uniform x[0.85, 1.15], a smooth 2nd-order polynomial bias field with peak deviation
 uniform in [0, 20 %], Gaussian noise of sd 3 % of the white-matter level (magnitude image). T1
 images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
-largest rotation and translation stays inside, checked by :func:`fov_slack_mm` when a cohort is
-built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm over the same field of view; all are
-stored in LAS orientation (x flipped: radiological, as FSL writes) as int16 NIfTI with
-scl_slope. Frame-folder rsfMRI runs stay RAS (their format has no affine).
+largest rotation and translation and the individual anatomy's largest move stays inside, checked
+by :func:`fov_slack_mm` when a cohort is built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm
+over the same field of view; all are stored in LAS orientation (x flipped: radiological, as FSL
+writes) as int16 NIfTI with scl_slope. Frame-folder rsfMRI runs stay RAS (their format has no
+affine).
 
 The cohort root gets ``truth.json`` (the achievable score per task and modality, and every
 planted parameter) and ``planted.csv`` (each subject's hidden variables).
@@ -83,6 +101,13 @@ VOXEL_MM = 2.0
 SESSION_IMAGE_SIZE = (56, 64, 56)  # rsfMRI / dMRI grid at SESSION_VOXEL_MM
 SESSION_VOXEL_MM = 4.0
 ORIENTATION = ("L", "A", "S")  # axis codes of the stored images
+ANATOMY_STREAM = 4  # SeedSequence([seed, index, 4]): the subject's individual anatomy
+ANATOMY_RMS_MM = 3.5  # rms over the brain of the velocity whose flow is the deformation
+ANATOMY_SMOOTH_MM = 10.0  # Gaussian sigma smoothing the white-noise vector potential
+ANATOMY_GRID_MM = 6.0  # spacing of the coarse grid the field lives on (then trilinear)
+ANATOMY_MARGIN_MM = 16.0  # the coarse grid covers the template's array plus this on every side
+ANATOMY_STEPS = 5  # scaling and squaring: the flow as 2**5 composed small steps
+ANATOMY_MAX_MM = 8.0  # no surface point moves farther (the velocity is scaled down if one would)
 
 
 def _phi(x: float) -> float:
@@ -212,6 +237,21 @@ def planted_parameters() -> dict:
                                               f"{SULCAL_SMOOTH_MM} mm, scaled to max 1) within "
                                               f"{SULCAL_DEPTH_MM} mm of the brain surface",
                                     "modalities": ["T1"]}},
+        "individual_anatomy": {
+            "law": "the template (aged) sampled at y + u(y): u the flow over unit time of a "
+                   "divergence-free velocity v = curl A, A three fields of white noise smoothed "
+                   f"by a Gaussian of sigma {ANATOMY_SMOOTH_MM} mm, v scaled to rms "
+                   f"{ANATOMY_RMS_MM} mm over the template brain; the velocity is scaled down "
+                   f"until no point near the brain's surface moves more than {ANATOMY_MAX_MM} mm",
+            "velocity_rms_mm": ANATOMY_RMS_MM, "potential_sigma_mm": ANATOMY_SMOOTH_MM,
+            "max_displacement_mm": ANATOMY_MAX_MM, "grid_mm": ANATOMY_GRID_MM,
+            "interpolation": "trilinear", "flow": f"scaling and squaring, {ANATOMY_STEPS} steps",
+            "order": "output grid -> inverse head position and scale -> individual anatomy -> "
+                     "ventricle warp -> template",
+            "volume_preserving": "Jacobian determinant 1 up to the discretisation: ventricle "
+                                 "volume and grey-matter amount (the planted age effects) are "
+                                 "kept, so the achievable figures do not change",
+            "modalities": ["T1", "rsfMRI", "dMRI"]},
         "nuisance": {"rotation_deg": ROTATION_DEG, "translation_mm": TRANSLATION_MM,
                      "gain": [1 - GAIN_RANGE, 1 + GAIN_RANGE],
                      "bias_field": f"2nd-order polynomial, peak deviation U(0, {BIAS_MAX})",
@@ -219,6 +259,7 @@ def planted_parameters() -> dict:
         "geometry": {"orientation": "".join(ORIENTATION), "dtype_on_disk": "int16 with scl_slope",
                      "white_matter_level": _anatomy.WM_LEVEL},
         "seeds": {"hidden_variables": f"SeedSequence([seed, index, {LATENT_STREAM}])",
+                  "individual_anatomy": f"SeedSequence([seed, index, {ANATOMY_STREAM}])",
                   "T1_nuisance": "SeedSequence([seed, index])",
                   "ages": "SeedSequence(seed, spawn_key=(0xC1,))"},
     }
@@ -306,7 +347,8 @@ def aged_t1(brain_age: float) -> np.ndarray:
 
 def synthesize_t1(job) -> np.ndarray:
     """Float32 T1 (RAS+ grid) of one realistic subject; job is a cohort ``_Job`` carrying the
-    subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``."""
+    subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``, the
+    individual anatomy from :func:`individual_anatomy`."""
     from scipy.ndimage import map_coordinates
 
     tpl = _anatomy._template()
@@ -314,13 +356,166 @@ def synthesize_t1(job) -> np.ndarray:
     draw = draw_position(rng) | {"scale": job.scale}
     gain = rng.uniform(1 - GAIN_RANGE, 1 + GAIN_RANGE)
     bias_coef, bias_amp = rng.normal(size=9), rng.uniform(0.0, BIAS_MAX)
-    coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age))
+    coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age),
+                                     displace=individual_anatomy(job.seed, job.index).displace_grid)
     vol = map_coordinates(aged_t1(job.brain_age), coords, order=1, mode="constant", cval=0.0,
                           prefilter=False)
     vol *= _anatomy.WM_LEVEL * gain
     vol *= _anatomy._bias_field(job.image_size, bias_coef, bias_amp)
     noise = rng.standard_normal(job.image_size) * (NOISE_SD * _anatomy.WM_LEVEL * gain)
     return np.abs(vol + noise).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- individual anatomy
+
+@dataclass(frozen=True)
+class _AnatomyGrid:
+    """The coarse grid of the individual-anatomy fields (template space, MNI mm)."""
+
+    origin: np.ndarray  # MNI mm of node (0, 0, 0)
+    shape: tuple[int, int, int]
+    near_surface: np.ndarray  # bool (shape): nodes whose displacement moves the brain's surface
+    brain: np.ndarray  # bool (shape): nodes inside the template brain mask
+
+
+_ANATOMY_GRID: tuple[int, _AnatomyGrid] | None = None
+
+
+def _anatomy_grid() -> _AnatomyGrid:
+    """Built once per template: covers its array plus ANATOMY_MARGIN_MM at ANATOMY_GRID_MM."""
+    global _ANATOMY_GRID
+    from scipy.ndimage import distance_transform_edt, map_coordinates
+
+    tpl = _anatomy._template()
+    if _ANATOMY_GRID is not None and _ANATOMY_GRID[0] == id(tpl):
+        return _ANATOMY_GRID[1]
+    affine = np.linalg.inv(tpl.inv_affine)
+    lo = affine[:3, 3] - ANATOMY_MARGIN_MM
+    hi = affine[:3, :3] @ (np.asarray(tpl.mask.shape) - 1) + affine[:3, 3] + ANATOMY_MARGIN_MM
+    shape = tuple(int(n) for n in np.ceil((hi - lo) / ANATOMY_GRID_MM).astype(int) + 1)
+    nodes = np.indices(shape).reshape(3, -1) * ANATOMY_GRID_MM + lo[:, None]
+    vox = tpl.inv_affine[:3, :3] @ nodes + tpl.inv_affine[:3, 3:]
+    brain = map_coordinates(tpl.mask.astype(np.float32), vox, order=1).reshape(shape) > 0.5
+    # the nodes that move the brain's surface (the brain's image is bounded by its surface's):
+    # those one trilinear cell plus the largest move away from it, inside or outside
+    reach = ANATOMY_MAX_MM + math.sqrt(3) * ANATOMY_GRID_MM
+    depth = np.where(brain, distance_transform_edt(brain), distance_transform_edt(~brain))
+    near = depth * ANATOMY_GRID_MM <= reach
+    grid = _AnatomyGrid(lo, shape, near, brain)
+    _ANATOMY_GRID = (id(tpl), grid)
+    return grid
+
+
+def _sample(field: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Trilinear samples (3, n) of a (3, *shape) field at grid indices (3, n); edge-clamped."""
+    from scipy.ndimage import map_coordinates
+
+    return np.stack([map_coordinates(f, index, order=1, mode="nearest", prefilter=False)
+                     for f in field])
+
+
+def _flow(velocity: np.ndarray, steps: int = ANATOMY_STEPS) -> np.ndarray:
+    """Displacement (mm) of the flow of a stationary velocity field (mm per unit time) over unit
+    time, by scaling and squaring: u <- v / 2**steps, then ``steps`` times u <- u + u(x + u)."""
+    shape = velocity.shape[1:]
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    u = velocity.reshape(3, -1) / 2.0 ** steps
+    for _ in range(steps):
+        u = u + _sample(u.reshape(3, *shape), index + u / ANATOMY_GRID_MM)
+    return u.reshape(velocity.shape)
+
+
+def _curl(a: np.ndarray) -> np.ndarray:
+    """Curl (central differences, mm) of a (3, *shape) vector potential on the coarse grid."""
+    g = [np.gradient(c, ANATOMY_GRID_MM) for c in a]  # g[i][j] = d a_i / d x_j
+    return np.stack([g[2][1] - g[1][2], g[0][2] - g[2][0], g[1][0] - g[0][1]])
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One subject's individual anatomy: a smooth, volume-preserving deformation of template
+    space. ``forward`` (3, *grid) mm: a point ``y`` samples the template at ``y + forward(y)``
+    (before the ventricle warp); ``velocity``: the divergence-free field whose flow it is."""
+
+    velocity: np.ndarray  # (3, *grid) mm
+    forward: np.ndarray  # (3, *grid) mm
+    velocity_scale: float  # < 1 when the velocity was scaled down to keep ANATOMY_MAX_MM
+
+    def _index(self, points: np.ndarray) -> np.ndarray:
+        origin = _anatomy_grid().origin.reshape(3, *([1] * (points.ndim - 1)))
+        return (points - origin) / ANATOMY_GRID_MM
+
+    def displace(self, points: np.ndarray) -> np.ndarray:
+        """Template-space points (3, ...) MNI mm -> the template points they sample."""
+        shape = points.shape
+        flat = points.reshape(3, -1)
+        return (flat + _sample(self.forward, self._index(flat))).reshape(shape)
+
+    def displace_grid(self, points: np.ndarray) -> np.ndarray:
+        """:meth:`displace` for points (3, X, Y, Z) that are an affine function of their grid
+        index (a sampling grid). Where every second point is at most ANATOMY_GRID_MM apart, the
+        displacement is sampled there only and interpolated linearly between, 8x cheaper (on
+        the T1's 2 mm grid: 0.07 mm rms from :meth:`displace`); otherwise it is :meth:`displace`."""
+        shape = points.shape[1:]
+        origin = points[:, :1, :1, :1]
+        step = [points[(slice(None), *[slice(1, 2) if a == b else slice(0, 1) for b in range(3)])]
+                - origin if shape[a] > 1 else np.zeros_like(origin) for a in range(3)]
+        if min(shape) < 3 or 2 * max(float(np.linalg.norm(v)) for v in step) > ANATOMY_GRID_MM:
+            return self.displace(points)
+        half = [n // 2 + 1 for n in shape]  # every second index, one past the last when odd
+        index = np.ix_(*(2 * np.arange(m, dtype=np.float64) for m in half))
+        coarse = origin + sum(step[a][..., 0, 0, 0][:, None, None, None] * index[a]
+                              for a in range(3))
+        u = self.displace(coarse) - coarse
+        for axis in (1, 2, 3):
+            m = u.shape[axis]
+            fine = np.empty((*u.shape[:axis], 2 * m - 1, *u.shape[axis + 1:]), dtype=u.dtype)
+            even, odd, lo, hi = ([slice(None)] * 4 for _ in range(4))
+            even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            fine[tuple(even)] = u
+            fine[tuple(odd)] = 0.5 * (u[tuple(lo)] + u[tuple(hi)])
+            keep = [slice(None)] * 4
+            keep[axis] = slice(0, shape[axis - 1])
+            u = fine[tuple(keep)]
+        return points + u
+
+    def undisplace(self, points: np.ndarray) -> np.ndarray:
+        """The inverse map, (n, 3) MNI mm: where template points land (the flow of -velocity,
+        exact up to the discretisation)."""
+        inverse = _flow(-self.velocity)
+        flat = points.T
+        return (flat + _sample(inverse, self._index(flat))).T
+
+
+def individual_anatomy(seed: int, index: int) -> Anatomy:
+    """Subject ``index``'s deformation, from ``SeedSequence([seed, index, ANATOMY_STREAM])``.
+
+    The velocity is the curl of a vector potential (three fields of white noise on the coarse
+    grid, each smoothed by a Gaussian of sigma ANATOMY_SMOOTH_MM), so it is divergence-free; it
+    is scaled to an rms of ANATOMY_RMS_MM over the template brain. The deformation is its flow
+    over unit time, whose Jacobian determinant is 1 (volumes, e.g. the ventricles' and the grey
+    matter's, are kept up to the discretisation). Should any point near the brain's surface move
+    farther than ANATOMY_MAX_MM, the velocity is scaled down until none does (a bounded field of
+    view).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    grid = _anatomy_grid()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, ANATOMY_STREAM]))
+    noise = rng.standard_normal((3, *grid.shape))
+    potential = np.stack([gaussian_filter(n, ANATOMY_SMOOTH_MM / ANATOMY_GRID_MM, mode="wrap")
+                          for n in noise])
+    velocity = _curl(potential)
+    velocity *= ANATOMY_RMS_MM / math.sqrt(float((velocity[:, grid.brain] ** 2).sum(0).mean()))
+    scale = 1.0
+    while True:
+        forward = _flow(velocity)
+        reach = float(np.sqrt((forward[:, grid.near_surface] ** 2).sum(0)).max())
+        if reach <= ANATOMY_MAX_MM:
+            return Anatomy(velocity, forward, scale)
+        shrink = 0.98 * ANATOMY_MAX_MM / reach
+        velocity, scale = velocity * shrink, scale * shrink
 
 
 # ----------------------------------------------------------------------------- field of view
@@ -355,11 +550,14 @@ def _unwarp_ventricles(points: np.ndarray, pull: float) -> np.ndarray:
 
 
 def brain_in_fov_mm(points: np.ndarray, scale: float, rotation: np.ndarray,
-                    translation, pull: float) -> np.ndarray:
+                    translation, pull: float, anatomy: Anatomy | None = None) -> np.ndarray:
     """Where template points (n, 3; MNI mm) land in the subject's scan (world mm): the forward
-    map of the one that :func:`umbrella.demo.anatomy._source_coords` samples backwards."""
+    map of the one that :func:`umbrella.demo.anatomy._source_coords` samples backwards
+    (``anatomy``: the subject's individual anatomy, None: none)."""
     centre = np.asarray(_anatomy.FOV_CENTRE_MM)
     x = _unwarp_ventricles(points, pull)
+    if anatomy is not None:
+        x = anatomy.undisplace(x)
     return centre + np.asarray(translation) + scale * (x - centre) @ np.asarray(rotation).T
 
 
@@ -369,7 +567,9 @@ def fov_slack_mm(image_size: tuple[int, int, int], voxel_mm: float, max_scale: f
     """Smallest margin (mm) between the brain and the outermost voxel centres of the grid over
     the worst draws: the largest scale, rotations at every corner of +-ROTATION_DEG (and
     ``n_random`` random ones inside), the largest translation on every axis, no or the largest
-    ventricle pull; each template voxel counted with its half-diagonal. Negative: clipped."""
+    ventricle pull, and the largest move of the individual anatomy (ANATOMY_MAX_MM, scaled)
+    in the worst direction; each template voxel counted with its half-diagonal. Negative:
+    clipped."""
     points = _mask_surface_mm()
     half_voxel = max_scale * math.sqrt(3) * float(abs(np.linalg.inv(
         _anatomy._template().inv_affine)[0, 0])) / 2
@@ -379,7 +579,8 @@ def fov_slack_mm(image_size: tuple[int, int, int], voxel_mm: float, max_scale: f
     affine = _anatomy.output_affine(image_size, voxel_mm)
     lo = affine[:3, 3]
     hi = lo + voxel_mm * (np.asarray(image_size) - 1)
-    centre, reach, slack = np.asarray(_anatomy.FOV_CENTRE_MM), TRANSLATION_MM + half_voxel, math.inf
+    centre, slack = np.asarray(_anatomy.FOV_CENTRE_MM), math.inf
+    reach = TRANSLATION_MM + half_voxel + max_scale * ANATOMY_MAX_MM
     for pull in (0.0, VENTRICLE_GAIN * AGE_FRACTION_MAX ** 2):
         x = max_scale * (_unwarp_ventricles(points, pull) - centre)
         for a in angles:  # brain_in_fov_mm without translation, the unwarp done once per pull
