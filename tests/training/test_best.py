@@ -179,7 +179,9 @@ def _val_dataset(cfg, model_dir, tok):
     records = load_config_records(cfg)
     val = [r for r in records if r.split == "val"]
     train_recs = [r for r in records if r.split == "train"]
-    return InstructionDataset(val, PromptEncoder(tok), load_preprocessing(model_dir)), train_recs
+    # memoized as in training (float16 images), so the scores compare the same inputs
+    return InstructionDataset(val, PromptEncoder(tok), load_preprocessing(model_dir),
+                              memoize=cfg.dataset.memoize), train_recs
 
 
 def test_metric_selection_on_sex_and_age_together(tiny_config, tiny_records, tmp_path):

@@ -84,12 +84,12 @@ class PopulationCentering(nn.Module):
         if x.dim() == 6:
             x = x.permute(0, 5, 1, 2, 3, 4).reshape(-1, *x.shape[1:5])
         n = x.shape[0]
+        count, old_mean, old_m2 = (b.to(torch.float64) for b in (self.count, self.mean, self.m2))
         mean = x.mean(0)
-        m2 = ((x - mean) ** 2).sum(0)
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += m2 + delta ** 2 * (self.count * n / total)
+        total = count + n
+        delta = mean - old_mean
+        self.mean.copy_(old_mean + delta * (n / total))
+        self.m2.copy_(old_m2 + ((x - mean) ** 2).sum(0) + delta ** 2 * (count * n / total))
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +97,12 @@ class PopulationCentering(nn.Module):
             self.update(x)
         if self.count < 2:
             return x
-        scale = (self.m2 / (self.count - 1)).mean().sqrt().clamp_min(1e-6)
-        mean = self.mean if x.dim() == 5 else self.mean[..., None]
-        return (x - mean.to(x.dtype)) / scale.to(x.dtype)
+        # float32 from the buffers as stored: a model reloaded in float32 centres identically
+        mean, m2, count = self.mean.float(), self.m2.float(), self.count.float()
+        scale = (m2 / (count - 1)).mean().sqrt().clamp_min(1e-6)
+        if x.dim() == 6:
+            mean = mean[..., None]
+        return ((x.float() - mean) / scale).to(x.dtype)
 
 
 class BrainPatchEmbedding(nn.Module):

@@ -94,6 +94,15 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def persistent_buffers(model):
+    """(name, buffer) of every buffer saved with the model's weights (not the non-persistent ones,
+    e.g. rotary frequencies, which the model rebuilds)."""
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
 class KeepBest(TrainerCallback):
     """Selection by ``criterion`` ("val_loss" | "metric") and optional early stopping."""
 
@@ -132,16 +141,20 @@ class KeepBest(TrainerCallback):
 
     # ------------------------------------------------------------------ weights
     def _snapshot(self) -> None:
+        """The trainable weights and the saved buffers (e.g. the input-centering statistics that
+        training updates) as they are now, on rank 0."""
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         with whole_weights(self.model):
             if _rank() == 0:
                 self.weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable}
+                self.weights.update({n: b.detach().to("cpu", copy=True)
+                                     for n, b in persistent_buffers(self.model)})
 
     def restore(self) -> bool:
         """Load the kept weights into the model (every rank calls it). True when weights changed."""
         if self.best is None or self.best["step"] == self.last_step:
             return False
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) | dict(persistent_buffers(self.model))
         with whole_weights(self.model, modifier_rank=0), torch.no_grad():
             if _rank() == 0:
                 if self.weights is None:
