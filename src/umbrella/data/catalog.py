@@ -146,6 +146,7 @@ def cache_jobs(cfg: UmbrellaConfig, records: list[Record] | None = None) -> list
     from umbrella.data.cache import CacheJob
 
     inputs = modality_inputs(cfg)
+    params = {m: inp.cache_params() for m, inp in inputs.items()}  # once, shared by the jobs
     jobs, seen = [], set()
     for rec in records if records is not None else load_config_records(cfg):
         for image in rec.images:
@@ -153,6 +154,6 @@ def cache_jobs(cfg: UmbrellaConfig, records: list[Record] | None = None) -> list
                 continue
             seen.add((image.modality, image.path))
             mod = inputs[image.modality]
-            jobs.append(CacheJob(image.path, image.modality, mod.cache_params(),
+            jobs.append(CacheJob(image.path, image.modality, params[image.modality],
                                  partial(mod.preprocess, image, rec.id), mod.extra_sources(image)))
     return jobs

@@ -50,6 +50,8 @@ class ModalityInput:
         return params
 
     def extra_sources(self, image: ImageRef) -> tuple:
+        if image.bval is None and image.bvec is None:  # every image but a DWI series
+            return ()
         return tuple(p for p in (image.bval, image.bvec) if p is not None)
 
     def window_starts(self, n_frames: int) -> list[int]:

@@ -30,7 +30,7 @@ from transformers import TrainingArguments, set_seed
 
 import umbrella
 from umbrella.config import UmbrellaConfig, config_to_dict, save_config
-from umbrella.data.cache import PreprocessCache, cache_key
+from umbrella.data.cache import CacheKeys, PreprocessCache
 from umbrella.data.catalog import (
     by_split,
     cache_jobs,
@@ -130,11 +130,11 @@ def data_source(cfg: UmbrellaConfig, records) -> str:
         how = "kept in RAM after first use (dataset.memoize)" if d.memoize else "at every access"
         return (f"images: decoded from the source files, {how}; set dataset.cache_dir and run "
                 "`umbrella cache` to preprocess them once")
-    cache, total, ready = PreprocessCache(d.cache_dir), Counter(), Counter()
+    cached, keys = PreprocessCache(d.cache_dir).keys(), CacheKeys()  # one listing, no stat per entry
+    total, ready = Counter(), Counter()
     for job in cache_jobs(cfg, records):
         total[job.kind] += 1
-        key = cache_key(job.path, job.kind, job.params, job.extra_sources)
-        ready[job.kind] += cache.path_for(key).is_file()
+        ready[job.kind] += keys.key(job.path, job.kind, job.params, job.extra_sources) in cached
     counts = ", ".join(f"{m} {ready[m]}/{n} ready" for m, n in total.items())
     missing = sum(total.values()) - sum(ready.values())
     return (f"images: from the preprocessing cache {d.cache_dir} ({counts})"
