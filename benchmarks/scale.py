@@ -19,7 +19,22 @@ process's ``ru_maxrss``):
 Ratios are 40k / 4k of the same run (10 = linear). Targets: every stage within 12x; the train run
 at 40k (an upper bound of the time to its first step) within 60 s.
 
-Usage: python -m benchmarks.scale [--smoke] [--subjects 4000,40000] [--train] [--quiet]
+Frame folders (``--frames 20,200,1200``, the default; ``--frames ""`` skips them): a fixed number
+of rsfMRI runs (``--frame-runs``, 100) stored as SwiFT-style folders of ``frame_<i>.pt`` files
+(8³ float32 tensors, the same bytes in every frame), once per frame count. Per frame count,
+each in its own forked process:
+
+    frame_identity       training.run.data_source over the runs (every frame's stat; empty cache)
+    frame_dataset_start  the training InstructionDataset of the runs (random windows)
+    frame_cache_build    umbrella's cache build of every run (reads every frame; 1 process)
+    frame_loader_epoch   one epoch of the training dataset from the cache, batch 4, 0 workers
+
+Their ratios are largest / smallest frame count. Target: the loader's memory does not grow with
+the frames on disk (peak RSS of frame_loader_epoch over the process's RSS when it started, at
+the largest frame count, within 8 MiB of that at the smallest).
+
+Usage: python -m benchmarks.scale [--smoke] [--subjects 4000,40000] [--train]
+       [--frames 20,200,1200] [--frame-runs 100] [--quiet]
 """
 
 from __future__ import annotations
@@ -178,6 +193,114 @@ def stage_train(root: Path, out: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "child_peak_rss_mib": peak}
 
 
+# ------------------------------------------------------------------------------------ frame folders
+
+FRAME_STAGES = ("frame_identity", "frame_dataset_start", "frame_cache_build",
+                "frame_loader_epoch")
+LOADER_GROWTH_MIB = 8.0  # allowed difference in the loader's RSS growth, largest vs smallest
+
+
+def build_frame_cohort(root: Path, runs: int, frames: int) -> Path:
+    """runs/<eid>/frame_<i>.pt (one 8³ float32 tensor per frame) + records.jsonl (all train)."""
+    import io
+    import json
+
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    torch.save(torch.from_numpy(rng.normal(100, 20, (8, 8, 8)).astype(np.float32)), buf)
+    blob = buf.getvalue()
+    lines = []
+    for i in range(runs):
+        eid = str(2_000_000 + i)
+        folder = root / "runs" / eid
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in range(frames):
+            (folder / f"frame_{f}.pt").write_bytes(blob)
+        lines.append(json.dumps({
+            "id": f"{eid}_sex_rsfMRI", "subject_id": eid, "study": "UKB", "task": "sex",
+            "split": "train", "images": [{"modality": "rsfMRI", "path": f"runs/{eid}"}],
+            "conversations": [{"from": "human", "value": "<image>\nWhat is the sex of this subject?"},
+                              {"from": "gpt", "value": ("female", "male")[i % 2]}]}))
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _frame_config(root: Path, out: Path):
+    from umbrella.config import load_config
+
+    over = [f"dataset.rsfMRI.records=[{root / 'records.jsonl'}]",
+            f"dataset.rsfMRI.data_root={root}", "dataset.rsfMRI.image_size=[8,8,8]",
+            "dataset.rsfMRI.patch_size=[4,4,4]", f"dataset.cache_dir={out / 'cache'}",
+            f"training.output_dir={out / 'runs'}", "training.threads=2", "model.vocab_size=300"]
+    return load_config(None, over)
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**10
+    return 0.0
+
+
+def stage_frame_identity(root: Path, out: Path) -> dict:
+    from umbrella.data.catalog import load_config_records
+    from umbrella.training.run import data_source
+
+    cfg = _frame_config(root, out)
+    records = load_config_records(cfg)
+    t = time.perf_counter()
+    line = data_source(cfg, records)
+    return {"seconds": time.perf_counter() - t, "line": line[:160]}
+
+
+def stage_frame_dataset_start(root: Path, out: Path) -> dict:
+    cfg = _frame_config(root, out)
+    t = time.perf_counter()
+    ds = _dataset(cfg)
+    return {"seconds": time.perf_counter() - t, "items": len(ds)}
+
+
+def stage_frame_cache_build(root: Path, out: Path) -> dict:
+    from umbrella.data.cache import PreprocessCache, build_cache
+    from umbrella.data.catalog import cache_jobs
+
+    cfg = _frame_config(root, out)
+    jobs = cache_jobs(cfg)
+    t = time.perf_counter()
+    report = build_cache(PreprocessCache(cfg.dataset.cache_dir), jobs, workers=1, progress=False)
+    if report.failed:
+        raise SystemExit(f"cache build failed: {report.failed[:3]}")
+    return {"seconds": time.perf_counter() - t, "built": report.built + report.reused}
+
+
+def stage_frame_loader_epoch(root: Path, out: Path) -> dict:
+    from torch.utils.data import DataLoader
+
+    from umbrella.data.cache import PreprocessCache
+    from umbrella.data.catalog import by_split, load_config_records, modality_inputs
+    from umbrella.data.collate import BrainCollator
+    from umbrella.data.dataset import InstructionDataset
+    from umbrella.data.sampling import ModalityBatchSampler
+
+    cfg = _frame_config(root, out)
+    start_rss = _rss_now_mib()
+    t = time.perf_counter()
+    train = by_split(load_config_records(cfg))["train"]
+    ds = InstructionDataset(train, common.prompt_encoder(), modality_inputs(cfg), seed=0,
+                            cache=PreprocessCache(cfg.dataset.cache_dir), windows="random")
+    loader = DataLoader(ds, batch_sampler=ModalityBatchSampler(ds.item_groups(), 4, seed=0),
+                        collate_fn=BrainCollator(common.prompt_encoder().tok.pad_token_id),
+                        num_workers=0)
+    n = sum(len(batch["ids"]) for batch in loader)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10 - start_rss
+    return {"seconds": time.perf_counter() - t, "samples": n, "start_rss_mib": start_rss,
+            "rss_growth_mib": growth}
+
+
 def _child(fn, root, out, queue):
     try:
         result = fn(root, out)
@@ -216,12 +339,19 @@ def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--subjects", default=None, help="two scales, e.g. 4000,40000 (the default)")
     p.add_argument("--train", action="store_true", help="also time `umbrella train` (1 step)")
+    p.add_argument("--frames", default=None,
+                   help="frames per rsfMRI frame folder, e.g. 20,200,1200 (the default); '' skips")
+    p.add_argument("--frame-runs", type=int, default=None, help="frame folders per count (100)")
     args = p.parse_args(argv)
     opts = common.options(args)
     common.setup(opts.threads)
     small, large = (int(x) for x in (args.subjects or
                                      ("400,4000" if opts.mode == "smoke" else "4000,40000")).split(","))
     stages = STAGES + (("train",) if args.train else ())
+    smoke = opts.mode == "smoke"
+    frame_counts = [int(x) for x in (args.frames if args.frames is not None else
+                                     ("20,40" if smoke else "20,200,1200")).split(",") if x]
+    frame_runs = args.frame_runs or (6 if smoke else 100)
     _preload()
     base = Path(tempfile.mkdtemp(prefix="umbrella-scale-"))
     results: dict = {}
@@ -233,6 +363,18 @@ def main(argv=None) -> dict:
             results[n] = {"build_cohort_s": time.perf_counter() - t}
             for stage in stages:
                 results[n][stage] = run_stage(stage, root, out)
+            shutil.rmtree(root, ignore_errors=True)  # frees the disk before the next cohort
+            shutil.rmtree(out, ignore_errors=True)
+        frame_results: dict = {}
+        for f in frame_counts:
+            root, out = base / f"frames{f}", base / f"frame_out{f}"
+            t = time.perf_counter()
+            build_frame_cohort(root, frame_runs, f)
+            frame_results[f] = {"build_cohort_s": time.perf_counter() - t}
+            for stage in FRAME_STAGES:
+                frame_results[f][stage] = run_stage(stage, root, out)
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     ratios = {s: results[large][s]["seconds"] / results[small][s]["seconds"] for s in stages}
@@ -242,15 +384,39 @@ def main(argv=None) -> dict:
     checks = {f"{s}_within_{1.2 * factor:g}x": ratios[s] <= 1.2 * factor for s in stages}
     if "train" in stages:
         checks["train_to_step_1_under_60s"] = results[large]["train"]["seconds"] <= 60
+    frame_summary = {}
+    if len(frame_counts) >= 2:
+        lo, hi = min(frame_counts), max(frame_counts)
+        fr = frame_results
+        frame_summary = {
+            "frames": frame_counts, "runs": frame_runs,
+            "time_ratio": {s: fr[hi][s]["seconds"] / fr[lo][s]["seconds"] for s in FRAME_STAGES},
+            "loader_rss_growth_mib": {str(f): fr[f]["frame_loader_epoch"]["rss_growth_mib"]
+                                      for f in frame_counts}}
+        growth = (fr[hi]["frame_loader_epoch"]["rss_growth_mib"]
+                  - fr[lo]["frame_loader_epoch"]["rss_growth_mib"])
+        frame_summary["loader_rss_growth_difference_mib"] = growth
+        checks[f"frame_loader_memory_flat_within_{LOADER_GROWTH_MIB:g}mib"] = \
+            growth <= LOADER_GROWTH_MIB
+        ds_ratio = frame_summary["time_ratio"]["frame_dataset_start"]
+        checks["frame_dataset_start_flat_within_2x"] = ds_ratio <= 2.0
     targets = {f"{s}_time_ratio": {"value": ratios[s], "met": ratios[s] <= 1.2 * factor}
                for s in stages}
     rows = [[s, results[small][s]["seconds"], results[large][s]["seconds"], ratios[s],
              results[small][s]["peak_rss_mib"], results[large][s]["peak_rss_mib"], rss[s]]
             for s in stages]
     config = {"mode": opts.mode, "subjects": [small, large], "fmri_every": FMRI_EVERY,
-              "images": "tiny real NIfTI (8^3 T1, 8^3 x one-window rsfMRI), copies of one file with distinct first voxels"}
+              "images": "tiny real NIfTI (8^3 T1, 8^3 x one-window rsfMRI), copies of one file with distinct first voxels",
+              "frame_folders": {"frames": frame_counts, "runs": frame_runs,
+                                "frame": "8^3 float32 torch.save, the same bytes in every frame"}}
     payload = {"stages": {str(n): r for n, r in results.items()}, "time_ratio": ratios,
                "peak_rss_ratio": rss, "checks": checks, "targets": targets}
+    if frame_counts:
+        payload["frame_folders"] = {"stages": {str(f): r for f, r in frame_results.items()},
+                                    **frame_summary}
+        for f in frame_counts:
+            rows += [[f"{s} ({frame_runs} runs x {f} frames)", frame_results[f][s]["seconds"],
+                      "", "", frame_results[f][s]["peak_rss_mib"], "", ""] for s in FRAME_STAGES]
     return common.emit("scale", config, payload,
                        ["stage", f"{small} s", f"{large} s", "time x", f"{small} MiB",
                         f"{large} MiB", "RSS x"], rows,

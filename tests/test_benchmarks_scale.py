@@ -32,7 +32,24 @@ def test_scale_smoke_counts_every_record_at_both_scales(capsys):
         assert s["sampler_epoch"]["samples"] == s["dataset_start"]["items"]
         assert all(s[k]["peak_rss_mib"] > 0 for k in scale.STAGES)
     assert set(out["results"]["time_ratio"]) == set(scale.STAGES)
-    assert set(out["results"]["checks"]) == {f"{k}_within_2.4x" for k in scale.STAGES}
+    frame_checks = {"frame_loader_memory_flat_within_8mib", "frame_dataset_start_flat_within_2x"}
+    assert set(out["results"]["checks"]) == {f"{k}_within_2.4x" for k in scale.STAGES} | frame_checks
+    frames = out["results"]["frame_folders"]
+    assert frames["frames"] == [20, 40] and frames["runs"] == 6
+    for f in ("20", "40"):
+        s = frames["stages"][f]
+        assert "rsfMRI 0/6 ready" in s["frame_identity"]["line"]
+        assert s["frame_dataset_start"]["items"] == 6 and s["frame_cache_build"]["built"] == 6
+        assert s["frame_loader_epoch"]["samples"] == 6
+        assert s["frame_loader_epoch"]["rss_growth_mib"] >= 0
+    assert set(frames["time_ratio"]) == set(scale.FRAME_STAGES)
+
+
+def test_scale_frames_can_be_skipped(capsys):
+    out = scale.main(["--smoke", "--subjects", "16,32", "--frames", "", "--quiet",
+                      "--threads", "1"])
+    assert "frame_folders" not in out["results"]
+    assert not any(k.startswith("frame_") for k in out["results"]["checks"])
 
 
 def test_flops_per_sample_counts_every_linear_layer():
