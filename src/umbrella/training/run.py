@@ -33,7 +33,7 @@ from umbrella.config import UmbrellaConfig, config_to_dict, save_config
 from umbrella.data.cache import CacheKeys, PreprocessCache
 from umbrella.data.catalog import (
     by_split,
-    cache_jobs,
+    cached_images,
     load_config_records,
     modality_inputs,
     model_geometry,
@@ -132,9 +132,10 @@ def data_source(cfg: UmbrellaConfig, records) -> str:
                 "`umbrella cache` to preprocess them once")
     cached, keys = PreprocessCache(d.cache_dir).keys(), CacheKeys()  # one listing, no stat per entry
     total, ready = Counter(), Counter()
-    for job in cache_jobs(cfg, records):
-        total[job.kind] += 1
-        ready[job.kind] += keys.key(job.path, job.kind, job.params, job.extra_sources) in cached
+    for _rec, image, mod, params in cached_images(cfg, records):  # no job objects kept
+        total[image.modality] += 1
+        ready[image.modality] += keys.key(image.path, image.modality, params,
+                                          mod.extra_sources(image)) in cached
     counts = ", ".join(f"{m} {ready[m]}/{n} ready" for m, n in total.items())
     missing = sum(total.values()) - sum(ready.values())
     return (f"images: from the preprocessing cache {d.cache_dir} ({counts})"
