@@ -13,6 +13,7 @@ from pathlib import Path
 
 from umbrella.config import ModalityConfig, UmbrellaConfig
 from umbrella.data.fmri import FmriSpec
+from umbrella.data.heap import long_lived
 from umbrella.data.inputs import ModalityInput
 from umbrella.data.records import Record, load_records
 from umbrella.data.volumes import VolumeSpec
@@ -97,7 +98,8 @@ def load_config_records(cfg: UmbrellaConfig) -> list[Record]:
     roots, files = data_roots(cfg), []
     for section in enabled.values():
         files += [Path(f) for f in section.records if Path(f) not in files]
-    records = [r for f in files for r in load_records(f, roots)]
+    with long_lived():  # no collector passes over the growing records; frozen when many
+        records = [r for f in files for r in load_records(f, roots)]
     seen: dict[str, Record] = {}
     for rec in records:
         if rec.id in seen:
