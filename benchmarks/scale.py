@@ -19,6 +19,11 @@ process's ``ru_maxrss``):
 Ratios are 40k / 4k of the same run (10 = linear). Targets: every stage within 12x; the train run
 at 40k (an upper bound of the time to its first step) within 60 s.
 
+Repeats (``--reps``, 3; 1 with ``--smoke``): each cheap stage (``REPEATED``, under ~20 s at 40k)
+runs that many times, each time in a fresh forked process; its ``seconds`` is the median, and
+``repeats_s`` / ``repeats_peak_rss_mib`` hold every run, so one run slowed by another job on the
+machine does not decide a ratio. Validate, the frame cache build and train run once.
+
 Frame folders (``--frames 20,200,1200``, the default; ``--frames ""`` skips them): a fixed number
 of rsfMRI runs (``--frame-runs``, 100) stored as SwiFT-style folders of ``frame_<i>.pt`` files
 (8³ float32 tensors, the same bytes in every frame), once per frame count. Per frame count,
@@ -33,7 +38,7 @@ Their ratios are largest / smallest frame count. Target: the loader's memory doe
 the frames on disk (peak RSS of frame_loader_epoch over the process's RSS when it started, at
 the largest frame count, within 8 MiB of that at the smallest).
 
-Usage: python -m benchmarks.scale [--smoke] [--subjects 4000,40000] [--train]
+Usage: python -m benchmarks.scale [--smoke] [--subjects 4000,40000] [--train] [--reps 3]
        [--frames 20,200,1200] [--frame-runs 100] [--quiet]
 """
 
@@ -43,6 +48,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -57,6 +63,9 @@ from benchmarks import common  # noqa: E402
 
 FMRI_EVERY = 8  # one subject in eight has rsfMRI: 5,000 of 40,000
 STAGES = ("prepare", "validate", "cache_index", "dataset_start", "sampler_epoch")
+# stages cheap enough to run --reps times (each well under 20 s at 40,000 subjects)
+REPEATED = frozenset({"prepare", "cache_index", "dataset_start", "sampler_epoch",
+                      "frame_identity", "frame_dataset_start", "frame_loader_epoch"})
 
 
 def _write_distinct(blob: bytearray, offset: int, index: int, path: Path) -> None:
@@ -310,8 +319,21 @@ def _child(fn, root, out, queue):
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_stage(name: str, root: Path, out: Path) -> dict:
-    """One stage in a forked process: a fresh peak RSS per stage."""
+def run_stage(name: str, root: Path, out: Path, repeat: int = 1) -> dict:
+    """The stage ``repeat`` times (1 unless it is in REPEATED), each in its own forked process: a
+    fresh peak RSS per run. The result is the run of median time (for an even count the lower
+    middle run's fields, with ``seconds`` the mean of the middle two), with every run's seconds
+    and peak RSS in ``repeats_s`` and ``repeats_peak_rss_mib``."""
+    runs = [_run_once(name, root, out) for _ in range(repeat if name in REPEATED else 1)]
+    ranked = sorted(runs, key=lambda r: r["seconds"])
+    result = dict(ranked[(len(ranked) - 1) // 2])
+    result["seconds"] = statistics.median(r["seconds"] for r in runs)
+    result["repeats_s"] = [r["seconds"] for r in runs]
+    result["repeats_peak_rss_mib"] = [r["peak_rss_mib"] for r in runs]
+    return result
+
+
+def _run_once(name: str, root: Path, out: Path) -> dict:
     fn = globals()[f"stage_{name}"]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -344,6 +366,8 @@ def main(argv=None) -> dict:
     p.add_argument("--frame-runs", type=int, default=None, help="frame folders per count (100)")
     args = p.parse_args(argv)
     opts = common.options(args)
+    # --reps: runs of each cheap stage, each in a fresh process, median kept (3 here; smoke 1)
+    repeat = args.reps if args.reps is not None else (1 if opts.mode == "smoke" else 3)
     common.setup(opts.threads)
     small, large = (int(x) for x in (args.subjects or
                                      ("400,4000" if opts.mode == "smoke" else "4000,40000")).split(","))
@@ -362,7 +386,7 @@ def main(argv=None) -> dict:
             build_cohort(root, n)
             results[n] = {"build_cohort_s": time.perf_counter() - t}
             for stage in stages:
-                results[n][stage] = run_stage(stage, root, out)
+                results[n][stage] = run_stage(stage, root, out, repeat)
             shutil.rmtree(root, ignore_errors=True)  # frees the disk before the next cohort
             shutil.rmtree(out, ignore_errors=True)
         frame_results: dict = {}
@@ -372,7 +396,7 @@ def main(argv=None) -> dict:
             build_frame_cohort(root, frame_runs, f)
             frame_results[f] = {"build_cohort_s": time.perf_counter() - t}
             for stage in FRAME_STAGES:
-                frame_results[f][stage] = run_stage(stage, root, out)
+                frame_results[f][stage] = run_stage(stage, root, out, repeat)
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -406,6 +430,7 @@ def main(argv=None) -> dict:
              results[small][s]["peak_rss_mib"], results[large][s]["peak_rss_mib"], rss[s]]
             for s in stages]
     config = {"mode": opts.mode, "subjects": [small, large], "fmri_every": FMRI_EVERY,
+              "repeat": repeat, "repeated_stages": sorted(REPEATED),
               "images": "tiny real NIfTI (8^3 T1, 8^3 x one-window rsfMRI), copies of one file with distinct first voxels",
               "frame_folders": {"frames": frame_counts, "runs": frame_runs,
                                 "frame": "8^3 float32 torch.save, the same bytes in every frame"}}
@@ -420,7 +445,9 @@ def main(argv=None) -> dict:
     return common.emit("scale", config, payload,
                        ["stage", f"{small} s", f"{large} s", "time x", f"{small} MiB",
                         f"{large} MiB", "RSS x"], rows,
-                       [f"ratios: {large} / {small} subjects of the same run ({factor:g} = linear)"],
+                       [f"ratios: {large} / {small} subjects of the same run ({factor:g} = linear)",
+                        f"seconds: median of {repeat} runs (fresh processes) for "
+                        f"{', '.join(sorted(REPEATED))}; one run for the others"],
                        opts.quiet)
 
 
