@@ -13,7 +13,8 @@ process's ``ru_maxrss``):
     validate         data.validate.validate_config: every record and image header (2 threads)
     cache_index      training.run.data_source: cache key of every referenced image (empty cache)
     dataset_start    records loaded, split, InstructionDataset of the training split built
-    sampler_epoch    one epoch of ModalityBatchSampler (batch 16) over that dataset
+    sampler_epoch    one epoch of ModalityBatchSampler (batch 16) over that dataset (median of
+                     SAMPLER_EPOCHS epochs in the process: one epoch is milliseconds)
     train_to_step_1  (--train) `umbrella train` with max_steps=1, tiny preset, wall to exit
 
 Ratios are 40k / 4k of the same run (10 = linear). Targets: every stage within 12x; the train run
@@ -176,14 +177,23 @@ def stage_dataset_start(root: Path, out: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "items": len(ds)}
 
 
+SAMPLER_EPOCHS = 7  # epochs timed per process: one epoch is 1-10 ms, one preemption is as long
+
+
 def stage_sampler_epoch(root: Path, out: Path) -> dict:
+    """Median over SAMPLER_EPOCHS epochs (0, 1, ...) of: sampler built, every batch drawn."""
     from umbrella.data.sampling import ModalityBatchSampler
 
     ds = _dataset(_config(root, _records_files(out), out))
-    t = time.perf_counter()
-    sampler = ModalityBatchSampler(ds.item_groups(), 16, seed=0)
-    n = sum(len(b) for b in sampler)
-    return {"seconds": time.perf_counter() - t, "samples": n}
+    epochs, counts = [], set()
+    for epoch in range(SAMPLER_EPOCHS):
+        t = time.perf_counter()
+        sampler = ModalityBatchSampler(ds.item_groups(), 16, seed=0)
+        sampler.set_epoch(epoch)
+        counts.add(sum(len(b) for b in sampler))
+        epochs.append(time.perf_counter() - t)
+    (n,) = counts
+    return {"seconds": statistics.median(epochs), "samples": n, "epochs_s": epochs}
 
 
 def stage_train(root: Path, out: Path) -> dict:

@@ -32,6 +32,7 @@ def test_scale_smoke_counts_every_record_at_both_scales(capsys):
         assert s["validate"]["records"] == n + n_fmri and s["validate"]["problems"] == 0
         assert f"T1 0/{n} ready" in s["cache_index"]["line"]
         assert s["sampler_epoch"]["samples"] == s["dataset_start"]["items"]
+        assert len(s["sampler_epoch"]["epochs_s"]) == scale.SAMPLER_EPOCHS
         assert all(s[k]["peak_rss_mib"] > 0 for k in scale.STAGES)
         assert all(len(s[k]["repeats_s"]) == 1 for k in scale.STAGES)  # smoke: one run each
     assert set(out["results"]["time_ratio"]) == set(scale.STAGES)
