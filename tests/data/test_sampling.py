@@ -20,6 +20,15 @@ def test_group_key_is_order_free():
     assert group_key(["rsfMRI", "T1", "T1"]) == "T1+rsfMRI"
 
 
+def test_group_keys_share_one_string_per_group():
+    import json
+
+    a, b = (json.loads('{"m": "T1"}')["m"] for _ in range(2))  # equal strings, two objects
+    assert a is not b
+    assert group_key([a]) is group_key([b]) and group_key([a]) == "T1"
+    assert group_key(["T1", "rsfMRI"]) is group_key(["rsfMRI", "T1"])
+
+
 @pytest.mark.parametrize("mixing", ["proportional", "round_robin"])
 def test_single_group_batches_cover_epoch_exactly_once(mixing):
     s = ModalityBatchSampler(GROUPS, 4, mixing=mixing, seed=1)
