@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -30,9 +32,37 @@ def test_scale_smoke_counts_every_record_at_both_scales(capsys):
         assert s["validate"]["records"] == n + n_fmri and s["validate"]["problems"] == 0
         assert f"T1 0/{n} ready" in s["cache_index"]["line"]
         assert s["sampler_epoch"]["samples"] == s["dataset_start"]["items"]
+        assert len(s["sampler_epoch"]["epochs_s"]) == scale.SAMPLER_EPOCHS
         assert all(s[k]["peak_rss_mib"] > 0 for k in scale.STAGES)
+        assert all(len(s[k]["repeats_s"]) == 1 for k in scale.STAGES)  # smoke: one run each
     assert set(out["results"]["time_ratio"]) == set(scale.STAGES)
-    assert set(out["results"]["checks"]) == {f"{k}_within_2.4x" for k in scale.STAGES}
+    frame_checks = {"frame_loader_memory_flat_within_8mib", "frame_dataset_start_flat_within_2x"}
+    assert set(out["results"]["checks"]) == {f"{k}_within_2.4x" for k in scale.STAGES} | frame_checks
+    frames = out["results"]["frame_folders"]
+    assert frames["frames"] == [20, 40] and frames["runs"] == 6
+    for f in ("20", "40"):
+        s = frames["stages"][f]
+        assert "rsfMRI 0/6 ready" in s["frame_identity"]["line"]
+        assert s["frame_dataset_start"]["items"] == 6 and s["frame_cache_build"]["built"] == 6
+        assert s["frame_loader_epoch"]["samples"] == 6
+        assert s["frame_loader_epoch"]["rss_growth_mib"] >= 0
+    assert set(frames["time_ratio"]) == set(scale.FRAME_STAGES)
+
+
+def test_scale_frames_can_be_skipped_and_cheap_stages_repeated(capsys):
+    out = scale.main(["--smoke", "--subjects", "16,32", "--frames", "", "--quiet",
+                      "--threads", "1", "--reps", "2"])
+    assert "frame_folders" not in out["results"]
+    assert not any(k.startswith("frame_") for k in out["results"]["checks"])
+    assert out["config"]["repeat"] == 2
+    for n in ("16", "32"):
+        for stage, s in out["results"]["stages"][n].items():
+            if stage == "build_cohort_s":
+                continue
+            runs = 2 if stage in scale.REPEATED else 1
+            assert len(s["repeats_s"]) == len(s["repeats_peak_rss_mib"]) == runs
+            assert s["seconds"] == pytest.approx(sum(s["repeats_s"]) / runs)  # median of 1 or 2
+    assert "validate" not in scale.REPEATED and "dataset_start" in scale.REPEATED
 
 
 def test_flops_per_sample_counts_every_linear_layer():

@@ -301,3 +301,15 @@ def test_voxel_size_resamples_nifti_and_refuses_frames(tmp_path):
     folder = _save_frames(tmp_path / "frames", run)
     with pytest.raises(VolumeError, match="no affine"):
         preprocess_fmri(folder, spec)
+
+
+def test_count_frames_of_a_folder_counts_frame_files_only(tmp_path):
+    from umbrella.data.inputs import count_frames
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("frame_0.pt", "frame_1.pt", "frame_2.pt", "global_stats.pt", "notes.txt",
+                 ".frame_3.pt", "frame_x.pt"):
+        (run / name).write_bytes(b"")
+    (run / "frame_4.pt.d").mkdir()
+    assert count_frames(run) == 3

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from umbrella.data.cache import PreprocessCache
 from umbrella.data.fmri import take_window
+from umbrella.data.heap import long_lived
 from umbrella.data.inputs import ModalityInput, count_frames
 from umbrella.data.numeric_labels import NumericLabels
 from umbrella.data.prompts import PromptEncoder
@@ -95,12 +96,14 @@ class InstructionDataset(Dataset):
         self.cache_params = {m: inp.cache_params() for m, inp in inputs.items()}  # once, not per read
         self.augment, self.seed, self.epoch = augment or {}, seed, 0
         self.memo: dict[str, np.ndarray] | None = {} if memoize else None
-        encoded = {r.id: self._encode(r, max_length) for r in records}
         self.numeric = numeric
-        soft = {r.id: numeric.targets(r, encoded[r.id].labels) for r in records} if numeric else {}
-        self.records, self.starts = self._items(list(records))
-        self.encoded = [encoded[r.id] for r in self.records]
-        self.soft = [soft.get(r.id) for r in self.records]  # (positions, (n, 10)) or None
+        with long_lived():  # one encoding per record, kept for the dataset's life
+            encoded = {r.id: self._encode(r, max_length) for r in records}
+            soft = ({r.id: numeric.targets(r, encoded[r.id].labels) for r in records}
+                    if numeric else {})
+            self.records, self.starts = self._items(list(records))
+            self.encoded = [encoded[r.id] for r in self.records]
+            self.soft = [soft.get(r.id) for r in self.records]  # (positions, (n, 10)) or None
         self.bad = bad_samples or BadSamplePolicy("error")
         self.groups = [group_key(r.modalities) for r in self.records]
 

@@ -10,6 +10,7 @@ exactly as training did. ``cache_params`` is what the preprocessing cache keys o
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class ModalityInput:
         return params
 
     def extra_sources(self, image: ImageRef) -> tuple:
+        if image.bval is None and image.bvec is None:  # every image but a DWI series
+            return ()
         return tuple(p for p in (image.bval, image.bvec) if p is not None)
 
     def window_starts(self, n_frames: int) -> list[int]:
@@ -70,8 +73,8 @@ class ModalityInput:
 def count_frames(path: Path, record_id: str | None = None) -> int:
     """Frames of an rsfMRI run from the header (4D NIfTI) or the file names (frame folder)."""
     path = Path(path)
-    if path.is_dir():
-        return sum(1 for f in path.iterdir() if FRAME_PATTERN.match(f.name))
+    if path.is_dir():  # names only: one listing, no stat or path object per frame
+        return sum(1 for name in os.listdir(path) if FRAME_PATTERN.match(name))
     try:
         shape = nib.load(str(path)).shape
     except Exception as exc:  # nibabel raises many types for bad files

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from umbrella.config import MODALITIES
+from umbrella.data.heap import long_lived
 from umbrella.errors import RecordError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -251,13 +252,15 @@ def load_records(path: str | Path, data_roots: dict[str, Path] | None = None) ->
         raise RecordError("records file does not exist", source=path,
                           fix="check dataset.<modality>.records in the config")
     records, seen = [], {}
-    for line, obj in _iter_raw(path):
-        rec = parse_record(obj, source=str(path), line=line, data_roots=data_roots)
-        if rec.id in seen:
-            raise RecordError(f"duplicate id (first seen at line {seen[rec.id]})", record_id=rec.id,
-                              source=path, line=line, fix="make record ids unique")
-        seen[rec.id] = line
-        records.append(rec)
+    with long_lived():  # see umbrella.data.heap: records are long-lived and acyclic
+        for line, obj in _iter_raw(path):
+            rec = parse_record(obj, source=str(path), line=line, data_roots=data_roots)
+            if rec.id in seen:
+                raise RecordError(f"duplicate id (first seen at line {seen[rec.id]})",
+                                  record_id=rec.id, source=path, line=line,
+                                  fix="make record ids unique")
+            seen[rec.id] = line
+            records.append(rec)
     return records
 
 

@@ -30,10 +30,10 @@ from transformers import TrainingArguments, set_seed
 
 import umbrella
 from umbrella.config import UmbrellaConfig, config_to_dict, save_config
-from umbrella.data.cache import PreprocessCache, cache_key
+from umbrella.data.cache import CacheKeys, PreprocessCache
 from umbrella.data.catalog import (
     by_split,
-    cache_jobs,
+    cached_images,
     load_config_records,
     modality_inputs,
     model_geometry,
@@ -134,11 +134,12 @@ def data_source(cfg: UmbrellaConfig, records) -> str:
         how = "kept in RAM after first use (dataset.memoize)" if d.memoize else "at every access"
         return (f"images: decoded from the source files, {how}; set dataset.cache_dir and run "
                 "`umbrella cache` to preprocess them once")
-    cache, total, ready = PreprocessCache(d.cache_dir), Counter(), Counter()
-    for job in cache_jobs(cfg, records):
-        total[job.kind] += 1
-        key = cache_key(job.path, job.kind, job.params, job.extra_sources)
-        ready[job.kind] += cache.path_for(key).is_file()
+    cached, keys = PreprocessCache(d.cache_dir).keys(), CacheKeys()  # one listing, no stat per entry
+    total, ready = Counter(), Counter()
+    for _rec, image, mod, params in cached_images(cfg, records):  # no job objects kept
+        total[image.modality] += 1
+        ready[image.modality] += keys.key(image.path, image.modality, params,
+                                          mod.extra_sources(image)) in cached
     counts = ", ".join(f"{m} {ready[m]}/{n} ready" for m, n in total.items())
     missing = sum(total.values()) - sum(ready.values())
     return (f"images: from the preprocessing cache {d.cache_dir} ({counts})"
