@@ -149,25 +149,39 @@ def test_forward_map_inverts_the_sampler():
     np.testing.assert_allclose(back, world, atol=1e-6)
 
 
-def test_whole_brain_inside_for_extreme_draws():
-    """The production sampler on a grid 24 mm wider than the field of view: for the largest
-    scale, every corner rotation and the largest translation towards it, no brain falls outside."""
+def _corner_draws(modality: str):
+    """The largest scale of ``modality``, each corner rotation and the largest translation
+    towards it: the draws most likely to push the brain out of the field of view."""
+    for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
+        yield {"scale": R.max_scale(modality), "translation": sign * R.TRANSLATION_MM,
+               "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
+
+
+def _outside_session_grid(displace=None, modality: str = "T1"):
+    """For every corner draw: (brain voxels sampled, largest brain value sampled outside the
+    rsfMRI grid) on that grid padded by 24 mm (4 mm voxels)."""
     from scipy.ndimage import map_coordinates
 
     tpl = _template()
     mask = tpl.mask.astype(np.float32)
-    pad, voxel = 6, 4.0
+    pad = 6
     size = tuple(n + 2 * pad for n in R.SESSION_IMAGE_SIZE)
     inner = tuple(slice(pad, pad + n) for n in R.SESSION_IMAGE_SIZE)
-    job = _Job(0, 0, "male", 60.0, size, voxel, 0.0, "", variant="realistic")
-    for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
-        draw = {"scale": R.max_scale("T1"), "translation": sign * R.TRANSLATION_MM,
-                "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
-        warped = map_coordinates(mask, _source_coords(job, draw, tpl, pull=0.0), order=1)
-        assert warped.sum() > 1000
-        outside = warped.copy()
-        outside[inner] = 0
-        assert outside.max() == 0  # not one brain voxel beyond the field of view
+    job = _Job(0, 0, "male", 60.0, size, 4.0, 0.0, "", variant="realistic")
+    for draw in _corner_draws(modality):
+        warped = map_coordinates(mask, _source_coords(job, draw, tpl, pull=0.0, displace=displace),
+                                 order=1)
+        total = float(warped.sum())
+        warped[inner] = 0
+        yield total, float(warped.max())
+
+
+def test_whole_brain_inside_for_extreme_draws():
+    """The production sampler on a grid 24 mm wider than the field of view: for the largest
+    scale, every corner rotation and the largest translation towards it, no brain falls outside."""
+    for total, outside in _outside_session_grid():
+        assert total > 1000
+        assert outside == 0  # not one brain voxel beyond the field of view
 
 
 def test_forward_map_inverts_the_sampler_with_individual_anatomy():
@@ -191,26 +205,13 @@ def test_brain_inside_for_extreme_draws_with_individual_anatomy():
     """The sampler with the individual anatomies of several subjects (the two largest-moving
     of 8), at the largest scale, rotation and translation towards every corner: the brain
     stays within the rsfMRI grid (the tightest default)."""
-    from scipy.ndimage import map_coordinates
-
-    tpl = _template()
-    mask = tpl.mask.astype(np.float32)
-    pad, voxel = 6, 4.0
-    size = tuple(n + 2 * pad for n in R.SESSION_IMAGE_SIZE)
-    inner = tuple(slice(pad, pad + n) for n in R.SESSION_IMAGE_SIZE)
-    job = _Job(0, 0, "male", 60.0, size, voxel, 0.0, "", variant="realistic")
     surface = R._mask_surface_mm()
     anatomies = [R.individual_anatomy(0, i) for i in range(8)]
     moves = [np.abs(a.undisplace(surface) - surface).max() for a in anatomies]
     for i in np.argsort(moves)[-2:]:
-        for sign in np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]):
-            draw = {"scale": R.max_scale("rsfMRI"), "translation": sign * R.TRANSLATION_MM,
-                    "rotation": _rotation(np.deg2rad(sign * R.ROTATION_DEG))}
-            warped = map_coordinates(mask, _source_coords(job, draw, tpl, pull=0.0,
-                                                          displace=anatomies[i].displace), order=1)
-            assert warped.sum() > 1000
-            warped[inner] = 0
-            assert warped.max() == 0
+        for total, outside in _outside_session_grid(anatomies[i].displace, "rsfMRI"):
+            assert total > 1000
+            assert outside == 0
 
 
 def test_individual_anatomy_deterministic_and_latents_unchanged():
