@@ -123,3 +123,12 @@ def test_collator_moves_soft_positions_with_the_padding(side):
     assert rows == [0, 0, 2]
     for r, c, orig in zip(rows, cols, [3, 4, 2], strict=True):  # the same token after padding
         assert batch["labels"][r, c].item() == orig
+
+
+def test_smoothing_without_regression_records_is_a_config_error(tiny_config):
+    from umbrella.errors import ConfigError
+    from umbrella.training.run import train
+
+    with pytest.raises(ConfigError, match="numeric_label_smoothing"):
+        train(tiny_config("training.numeric_label_smoothing=0.1", "training.max_steps=1"),
+              progress=False)

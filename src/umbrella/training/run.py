@@ -119,6 +119,11 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
     smoothing = cfg.training.numeric_label_smoothing
     common["numeric"] = (NumericLabels(encoder.tok, splits["train"], smoothing)
                          if smoothing > 0 else None)
+    if common["numeric"] is not None and not common["numeric"].sigma:
+        raise ConfigError(f"training.numeric_label_smoothing={smoothing} applies to regression "
+                          "answers, but no training record is one (a numeric answer that varies, "
+                          "with metadata.task_spec.kind 'regression', as `umbrella prepare` "
+                          "writes); set it to 0 or add such records")
     train = InstructionDataset(splits["train"], augment=augment, windows="random",
                                bad_samples=policy(), **common)
     val = (InstructionDataset(splits["val"], windows="first", bad_samples=policy(), **common)
