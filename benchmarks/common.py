@@ -40,6 +40,18 @@ def setup(threads: int = 2) -> None:
     torch.set_num_threads(threads)
 
 
+def cuda_device(benchmark: str, smoke: bool):
+    """The CUDA device a GPU benchmark runs on; CPU only for ``--smoke`` (checking the script),
+    otherwise SystemExit naming the benchmark."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not smoke:
+        raise SystemExit(f"{benchmark} needs a CUDA device (use --smoke to check the script on CPU)")
+    return torch.device("cpu")
+
+
 def machine() -> dict:
     """Where a figure was measured: CPU, cores, memory, load, date and versions."""
     import numpy

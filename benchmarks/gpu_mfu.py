@@ -124,10 +124,8 @@ def main(argv=None) -> dict:
     opts = common.options(args)
     common.setup(opts.threads)
     smoke = opts.mode == "smoke"
-    cuda = torch.cuda.is_available()
-    if not cuda and not smoke:
-        raise SystemExit("gpu_mfu needs a CUDA device (use --smoke to check the script on CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = common.cuda_device("gpu_mfu", smoke)
+    cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_flops(name, args.peak) or (1e12 if smoke else None)
     if peak is None:

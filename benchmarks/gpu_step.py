@@ -89,10 +89,8 @@ def run(opts: common.Options, batch: int) -> dict:
 
     common.setup(opts.threads)
     smoke = opts.mode == "smoke"
-    cuda = torch.cuda.is_available()
-    if not cuda and not smoke:
-        raise SystemExit("gpu_step needs a CUDA device (use --smoke to check the script on CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = common.cuda_device("gpu_step", smoke)
+    cuda = device.type == "cuda"
     precisions = ("fp32", "bf16") if cuda else ("fp32",)
     calls = 1 if smoke else (5 if opts.mode == "quick" else 10)
     batch = 2 if smoke else batch

@@ -23,11 +23,14 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (with a normal file mode)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *,
+                 suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (with a normal file mode).
+    ``suffix`` ends the temp file's name, for writers that choose the format by it (nibabel:
+    ".tmp.nii.gz")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

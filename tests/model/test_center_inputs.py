@@ -28,8 +28,9 @@ def test_running_statistics_equal_the_whole_populations(shape):
     if every.dim() == 6:  # time frames count as more samples of each voxel
         every = every.permute(0, 5, 1, 2, 3, 4).reshape(-1, *shape[:4])
     assert center.count.item() == len(every)
-    torch.testing.assert_close(center.mean, every.mean(0))
-    torch.testing.assert_close(center.m2 / (center.count - 1), every.var(0))
+    # each batch's moments are float32 (the combination float64): float32 agreement
+    torch.testing.assert_close(center.mean, every.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(center.m2 / (center.count - 1), every.var(0), rtol=1e-5, atol=1e-5)
     out = center.eval()(batches[0])
     scale = every.var(0).mean().sqrt()
     mean = every.mean(0) if len(shape) == 4 else every.mean(0)[..., None]

@@ -88,19 +88,16 @@ def _digit_positions(tok, labels: Sequence[int], number: str, digit_ids: list[in
     start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
     if start is None:
         return None
-    digits = set(digit_ids)
-    positions, i = [], start
-    for ch in number:
+    positions = []
+    for i, ch in enumerate(number, start):
         if i >= len(labels) or labels[i] == IGNORE_INDEX:
             return None
-        piece = tok.convert_ids_to_tokens(int(labels[i]))
         if ch.isdigit():
-            if labels[i] not in digits or labels[i] != digit_ids[int(ch)]:
+            if labels[i] != digit_ids[int(ch)]:
                 return None
             positions.append(i)
-        elif piece.lstrip("\u0120\u2581 ") != ch:  # '.' or '-' (byte-level / SentencePiece marks)
-            return None
-        i += 1
+        elif tok.convert_ids_to_tokens(int(labels[i])).lstrip("\u0120\u2581 ") != ch:
+            return None  # '.' or '-' (byte-level / SentencePiece word marks stripped)
     return positions
 
 
@@ -110,16 +107,16 @@ def digit_distributions(number: str, sigma: float) -> np.ndarray:
     match = NUMBER.fullmatch(number)
     if match is None:
         raise ValueError(f"not a plain decimal number: {number!r}")
-    sign, whole, frac = match.group(1), match.group(2), match.group(3) or ""
+    whole, frac = match.group(2), match.group(3) or ""  # the sign keeps its one-hot target
     decimals, n_int = len(frac), len(whole)
     scale = 10 ** decimals
     target = int(whole + frac)  # the number in units of its last digit, without sign
     width = min(int(math.ceil(6 * sigma * scale)), MAX_CANDIDATES // 2)
+    # a leading zero is only written for a one-digit integer part; a negative target's
+    # candidates are its magnitudes
     lo = max(target - width, 10 ** (n_int - 1 + decimals) if n_int > 1 else 0)
     hi = min(target + width, 10 ** (n_int + decimals) - 1)
     cand = np.arange(lo, hi + 1, dtype=np.int64)
-    # a leading zero is only written for a one-digit integer part; the sign is kept, so a
-    # negative target's candidates are its magnitudes (and "-0" never happens for nonzero y)
     weight = np.exp(-0.5 * ((cand - target) / (sigma * scale)) ** 2)
     n_digits = n_int + decimals
     digits = (cand[:, None] // 10 ** np.arange(n_digits - 1, -1, -1)[None, :]) % 10
@@ -128,8 +125,6 @@ def digit_distributions(number: str, sigma: float) -> np.ndarray:
     prefix = np.ones(len(cand), dtype=bool)
     for k in range(n_digits):
         out[k] = np.bincount(digits[prefix, k], weights=weight[prefix], minlength=10)
-        total = out[k].sum()
-        out[k] = out[k] / total if total > 0 else np.eye(10)[true[k]]
+        out[k] /= out[k].sum()  # > 0: the target itself (weight 1) keeps the true prefix
         prefix &= digits[:, k] == true[k]
-    del sign  # the sign token (if any) keeps its one-hot target
     return out.astype(np.float32)

@@ -7,12 +7,13 @@ build on this module; it imports none of them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from umbrella.io import atomic_write
 
 AGE_RANGE = (20.0, 80.0)
 WM_LEVEL = 1000.0  # output intensity of white matter (before gain/bias)
@@ -196,10 +197,4 @@ def _save_int16(data: np.ndarray, affine: np.ndarray, final: Path, tr: float | N
         img.header.set_xyzt_units("mm", "sec")
         img.header.set_zooms((*img.header.get_zooms()[:3], float(tr)))
     img.header["descrip"] = b"umbrella demo cohort"
-    tmp = final.with_name(f".{final.name[:-7]}.{os.getpid()}.tmp.nii.gz")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(final, lambda tmp: nib.save(img, tmp), suffix=".tmp.nii.gz")

@@ -46,11 +46,13 @@ import numbers
 import os
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from umbrella.demo import anatomy as _anatomy
+from umbrella.io import atomic_write
 
 MODALITIES = ("T1", "rsfMRI", "dMRI")
 RSFMRI_STREAM, DMRI_STREAM = 1, 2
@@ -393,6 +395,16 @@ def _save_frames(run: np.ndarray, final: Path) -> None:
         raise
 
 
+def _copy_file(source: Path, packed: bool, tmp: Path) -> None:
+    """Copy ``source`` to ``tmp``, gzipped with mtime 0 when ``packed`` (the same bytes every time)."""
+    with source.open("rb") as src, tmp.open("wb") as raw:
+        if packed:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copyfileobj(src, raw)
+
+
 def copy_real_dwi(root: Path) -> dict[str, str]:
     """dipy's packaged ``small_64D`` DWI (+ bval/bvec) -> ``dwi/real_dwi.*`` (gzip, atomic).
 
@@ -404,18 +416,6 @@ def copy_real_dwi(root: Path) -> dict[str, str]:
     (root / "dwi").mkdir(parents=True, exist_ok=True)
     for source, rel, packed in ((nii, REAL_DWI["path"], True), (bval, REAL_DWI["bval"], False),
                                 (bvec, REAL_DWI["bvec"], False)):
-        final = root / rel
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            with source.open("rb") as src, tmp.open("wb") as raw:
-                if packed:  # mtime=0: the same bytes every time
-                    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as dst:
-                        shutil.copyfileobj(src, dst)
-                else:
-                    shutil.copyfileobj(src, raw)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(root / rel, partial(_copy_file, source, packed))
     return {k: REAL_DWI[k] for k in ("path", "bval", "bvec")} | {
         "source": f"dipy.data.get_fnames(name={REAL_DWI['name']!r})"}

@@ -62,8 +62,9 @@ class PopulationCentering(nn.Module):
     same place after preprocessing); what tells subjects apart is a small deviation from that
     common image. Removing the mean image hands the patch embedding the deviations at unit scale,
     as a voxel-wise linear model standardises its features. The statistics are running sums over
-    every training batch (Chan et al.'s parallel update, float64), persistent buffers saved with
-    the weights, frozen outside training; time (4D inputs) counts as more samples of each voxel.
+    every training batch (each batch's moments in float32, combined by Chan et al.'s parallel
+    update in float64), persistent buffers saved with the weights, frozen outside training; time
+    (4D inputs) counts as more samples of each voxel.
     """
 
     def __init__(self, shape: tuple[int, ...]):
@@ -80,16 +81,18 @@ class PopulationCentering(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Adds a batch (B, C, D, H, W) or (B, C, D, H, W, T) to the running statistics."""
-        x = x.detach().to(torch.float64)
+        x = x.detach().float()  # the batch's own moments in float32, the running ones in float64
         if x.dim() == 6:
             x = x.permute(0, 5, 1, 2, 3, 4).reshape(-1, *x.shape[1:5])
         n = x.shape[0]
-        count, old_mean, old_m2 = (b.to(torch.float64) for b in (self.count, self.mean, self.m2))
         mean = x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0).double()
+        mean = mean.double()
+        count, old_mean, old_m2 = (b.to(torch.float64) for b in (self.count, self.mean, self.m2))
         total = count + n
         delta = mean - old_mean
         self.mean.copy_(old_mean + delta * (n / total))
-        self.m2.copy_(old_m2 + ((x - mean) ** 2).sum(0) + delta ** 2 * (count * n / total))
+        self.m2.copy_(old_m2 + m2 + delta ** 2 * (count * n / total))
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,7 @@ class PopulationCentering(nn.Module):
         scale = (m2 / (count - 1)).mean().sqrt().clamp_min(1e-6)
         if x.dim() == 6:
             mean = mean[..., None]
-        return ((x.float() - mean) / scale).to(x.dtype)
+        return (x.float() - mean) / scale  # float32; the patch embedding casts it once
 
 
 class BrainPatchEmbedding(nn.Module):
@@ -160,7 +163,7 @@ class BrainPatchEmbedding(nn.Module):
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
                              f"modality's (B, {', '.join(map(str, expected))})")
         if self.center is not None:
-            pixel_values = self.center(pixel_values.float())
+            pixel_values = self.center(pixel_values)
         x = pixel_values.to(self._compute_dtype(pixel_values))
         batch = x.shape[0]
         if self.time_patch is not None:
