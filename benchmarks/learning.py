@@ -54,7 +54,18 @@ T1_SETTINGS = ["dataset.T1.image_size=[48,64,48]", "dataset.T1.patch_size=[16,16
                "training.learning_rate=5e-4", "training.weight_decay=0.1",
                "training.eval_steps=250", "training.select_best=metric",
                "training.generation_log_every=0"]
-FMRI_SETTINGS = ["training.eval_steps=100", "training.select_best=val_loss"]
+# rsfMRI runs are written at 8 mm (28 x 32 x 28 voxels, 24 frames of TR 2 s: the large-scale
+# networks that carry the planted connectivity span many 8 mm voxels; 2,000 runs at 4 mm would
+# be 9.6 GB of float16 windows in RAM) and read as windows of 8 frames (a random one per step
+# in training; every window, predictions averaged per subject, in evaluation), cropped to
+# 24 x 32 x 24 around the head with 8^3 x 8-frame patches (36 tokens); the optimiser and the
+# selection as for T1.
+FMRI_GRID = (28, 32, 28)
+FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "dataset.rsfMRI.patch_size=[8,8,8,8]",
+                 "dataset.rsfMRI.eval_windows=all", "training.max_steps=1500",
+                 "training.learning_rate=5e-4", "training.weight_decay=0.1",
+                 "training.eval_steps=250", "training.select_best=metric",
+                 "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
 
 
@@ -78,7 +89,7 @@ def prepare(workdir: Path, parts: list[str], n_subjects: int, overrides: list[st
     mods = ("T1", "rsfMRI") if "rsfMRI" in parts else ("T1",)
     return prepare_demo(workdir / f"realistic_{n_subjects}_4mm", cohort="realistic",
                         n_subjects=n_subjects, modalities=mods, overrides=list(overrides),
-                        image_size=COHORT_GRID, patch=COHORT_PATCH,
+                        image_size=COHORT_GRID, patch=COHORT_PATCH, aux_size=FMRI_GRID,
                         progress=not quiet, log=_quiet if quiet else print)
 
 

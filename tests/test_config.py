@@ -71,3 +71,26 @@ def test_saved_config_redacts_secret_looking_values(tmp_path):
     assert saved.studies["MYSTUDY"] == {"tr": 0.8, "api_key": REDACTED, "hf-token": REDACTED,
                                         "monkey": "banana"}
     assert saved.model.token_pool == 2  # a number under a "token" key is not a secret
+
+
+def test_augment_ranges_reach_the_training_augmentation():
+    import numpy as np
+
+    from umbrella.training.run import augmenter
+
+    cfg = load_config(None, ["dataset.T1.augment=true", "dataset.T1.augment_ranges.flip_prob=1",
+                             "dataset.T1.augment_ranges.rotate_deg=0",
+                             "dataset.T1.augment_ranges.scale=0",
+                             "dataset.T1.augment_ranges.translate_vox=0",
+                             "dataset.T1.augment_ranges.intensity=0"])
+    aug = augmenter("T1", cfg.dataset.T1)
+    vol = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    np.testing.assert_array_equal(aug(vol, seed=3), vol[::-1])  # a left-right flip, nothing else
+    # the shipped ranges stay the defaults
+    assert augmenter("T1", load_config().dataset.T1).options["scale"] == 0.05
+    with pytest.raises(ConfigError, match="augment_ranges.scale"):
+        load_config(None, ["dataset.T1.augment_ranges.scale=wide"])
+    with pytest.raises(ConfigError, match=r"dataset\.T1\.augment_ranges: .*scale < 1"):
+        augmenter("T1", load_config(None, ["dataset.T1.augment_ranges.scale=1.5"]).dataset.T1)
+    with pytest.raises(ConfigError, match="rsfMRI.augment=false"):
+        augmenter("rsfMRI", load_config(None, ["dataset.rsfMRI.augment=true"]).dataset.rsfMRI)

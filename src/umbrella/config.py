@@ -26,6 +26,20 @@ MODALITIES = ("T1", "rsfMRI", "dMRI")
 
 
 @dataclass
+class AugmentRanges:
+    """Ranges of the training-split augmentation (``dataset.<m>.augment: true``); 0 drops that
+    transform. Defaults: the ones the project shipped with (left-right flip, +-5 deg, +-5 %,
+    +-4 voxels, intensity +-0.1). A planted or real scale effect (e.g. sex through brain size,
+    ~2 % in radius) is erased by ``scale`` of that order: set it to 0 for such tasks."""
+
+    flip_prob: float = 0.5  # probability of a left-right flip
+    rotate_deg: float = 5.0  # rotation, uniform +- per axis
+    scale: float = 0.05  # scaling by 1 +- this, per axis
+    translate_vox: float = 4.0  # translation, uniform +- voxels per axis
+    intensity: float = 0.1  # intensity scaling by 1 +- this, then a shift of +- this
+
+
+@dataclass
 class ModalityConfig:
     """One modality's data and geometry. A section with no ``records`` is skipped."""
 
@@ -42,6 +56,7 @@ class ModalityConfig:
     spatial: str = "crop_pad"  # crop_pad | resize
     normalize: str = "zscore_brain"  # zscore_brain | percentile | none
     augment: bool = False  # random flips/affine (MONAI) on the training split
+    augment_ranges: AugmentRanges = field(default_factory=AugmentRanges)
     # rsfMRI only: image_size/patch_size then carry a 4th (time) entry, e.g. [96,96,96,20]
     sequence_length: int = 20  # frames per window
     stride_within_seq: int = 1  # step between frames of a window

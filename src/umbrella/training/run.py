@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -105,10 +105,22 @@ def _tokenizer_corpus(records) -> list[str]:
     return texts
 
 
+def augmenter(modality: str, section) -> VolumeAugment:
+    """The training split's augmentation of one modality from its ``augment_ranges``
+    (left-right flips only: the canonical RAS+ x axis)."""
+    if modality == "rsfMRI":
+        raise ConfigError("dataset.rsfMRI.augment=true: augmentation applies to 3D volumes (T1, "
+                          "dMRI); rsfMRI training already draws a random window per step. Set "
+                          "dataset.rsfMRI.augment=false")
+    try:
+        return VolumeAugment(flip_axes=(0,), **asdict(section.augment_ranges))
+    except ValueError as exc:
+        raise ConfigError(f"dataset.{modality}.augment_ranges: {exc}") from exc
+
+
 def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir: Path):
     inputs = modality_inputs(cfg)
-    augment = {m: VolumeAugment(flip_axes=(0,)) for m, s in cfg.dataset.enabled().items()
-               if s.augment}
+    augment = {m: augmenter(m, s) for m, s in cfg.dataset.enabled().items() if s.augment}
     cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
     common = dict(encoder=encoder, inputs=inputs, seed=cfg.training.seed,
                   max_length=cfg.model.max_length, memoize=cfg.dataset.memoize, cache=cache)
