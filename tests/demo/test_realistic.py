@@ -469,7 +469,16 @@ def test_prepare_demo_writes_config_without_training(tmp_path):
     assert [p.split("/")[-1] for p in cfg.dataset.T1.records] == ["sex_T1.jsonl", "age_T1.jsonl"]
     assert [p.split("/")[-1] for p in cfg.dataset.rsfMRI.records] == ["sex_rsfMRI.jsonl"]
     assert cfg.training.max_steps == 600  # 200 per records file
-    assert {m: i.tokens for m, i in modality_inputs(cfg).items()} == {"T1": 392, "rsfMRI": 392}
+    inputs = modality_inputs(cfg)
+    assert {m: i.tokens for m, i in inputs.items()} == {"T1": 392, "rsfMRI": 392}
+    # every image the config names reads at its voxel_size (no frame folder, which has no affine)
+    from umbrella.data.catalog import load_config_records
+
+    records = load_config_records(cfg)
+    assert {r.images[0].modality for r in records} == {"T1", "rsfMRI"}
+    for rec in records:
+        image = rec.images[0]
+        assert inputs[image.modality].preprocess(image, rec.id).ndim in (3, 4)
     assert not (tmp_path / "demo" / "runs").exists()
     with pytest.raises(ConfigError, match="isotropic voxels"):
         prepare_demo(tmp_path / "bad", cohort="realistic", n_subjects=4, image_size=(28, 28, 28),

@@ -325,7 +325,9 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
         built = build_demo_cohort(out / "cohort", n_subjects, variant="realistic", seed=seed,
                                   image_size=grid, voxel_mm=voxel, progress=progress,
                                   modalities=mods, workers=workers,
-                                  rsfmri=FmriSettings(aux, aux_voxel, n_frames),
+                                  # 4D NIfTI only: the config reads the runs at voxel_size,
+                                  # which a frame folder (no affine) cannot be resampled to
+                                  rsfmri=FmriSettings(aux, aux_voxel, n_frames, frame_folders=0),
                                   dmri=DmriSettings(aux, aux_voxel))
         files = write_records(built, out / "records", seed,
                               tasks={"sex": used, "age": ("T1",) if "T1" in used else ()})
