@@ -191,7 +191,8 @@ class UmbrellaConfig:
 
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),
-    "normalize": ("zscore_brain", "percentile", "none", "zscore_run", "zscore_run_bgmin"),
+    "normalize": ("zscore_brain", "percentile", "none", "zscore_run", "zscore_run_bgmin",
+                  "zscore_voxel"),
     "eval_windows": ("first", "all"),
     "train_vision": ("full", "frozen", "lora"),
     "train_projector": ("full", "frozen", "lora"),

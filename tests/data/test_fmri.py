@@ -259,6 +259,29 @@ def test_normalize_zscores_brain_voxels(method):
         assert np.all(out[~mask] < out[mask].min())  # background keeps its (low) values
 
 
+def test_normalize_zscore_voxel_keeps_only_standardised_fluctuations():
+    rng = np.random.default_rng(4)
+    run = _run(n_frames=8) * 3 + 50
+    mask = brain_mask(run.mean(axis=3))
+    run[mask] += rng.normal(0, 1, (int(mask.sum()), 8)).astype(np.float32)
+    first = tuple(int(a[0]) for a in mask.nonzero())
+    run[first] = 350.0  # a flat brain voxel
+    mask = brain_mask(run.mean(axis=3))
+    assert mask[first]
+    out = normalize_run(run, "zscore_voxel")
+    assert out.shape == run.shape and out.dtype == np.float32
+    assert np.all(out[~mask] == 0)
+    series = out[mask]
+    flat = series.std(axis=1) < 1e-6
+    assert flat.sum() >= 1 and np.all(series[flat] == 0)  # a constant series becomes 0
+    np.testing.assert_allclose(series[~flat].mean(axis=1), 0, atol=1e-5)
+    np.testing.assert_allclose(series[~flat].std(axis=1), 1, atol=1e-4)
+    # each voxel's own affine intensity change (gain, offset) leaves it unchanged
+    scaled = run.copy()
+    scaled[mask] = scaled[mask] * 2.5 + 10
+    np.testing.assert_allclose(normalize_run(scaled, "zscore_voxel"), out, atol=1e-4)
+
+
 def test_normalize_none_and_bad_method():
     run = _run(n_frames=2)
     out = normalize_run(run, "none")

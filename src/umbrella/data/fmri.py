@@ -40,7 +40,7 @@ from umbrella.data.volumes import (
 )
 from umbrella.errors import VolumeError
 
-FMRI_NORMALIZE_METHODS = ("zscore_run", "zscore_run_bgmin", "none")
+FMRI_NORMALIZE_METHODS = ("zscore_run", "zscore_run_bgmin", "zscore_voxel", "none")
 AXIS_NAMES = ("0 (x, left-right)", "1 (y, posterior-anterior)", "2 (z, inferior-superior)")
 FRAME_PATTERN = re.compile(r"^frame_(\d+)\.pt$")
 STATS_FILE = "global_stats.pt"
@@ -87,7 +87,7 @@ class FmriSpec:
     sequence_length: int = 20  # frames per window (L)
     stride_within_seq: int = 1  # step between the frames of one window
     stride_between_seq: int = 1  # step between window starts
-    normalize: str = "zscore_run"  # "zscore_run" | "zscore_run_bgmin" | "none"
+    normalize: str = "zscore_run"  # "zscore_run" | "zscore_run_bgmin" | "zscore_voxel" | "none"
     voxel_size: tuple[float, float, float] | None = None
     # without voxel_size: resample to field_of_view / image_size mm per axis (a frame folder,
     # which has no affine, keeps its grid); None keeps the file's spacing
@@ -336,7 +336,11 @@ def normalize_run(run: np.ndarray, method: str) -> np.ndarray:
     ``zscore_run``: ``(x - mean) / std`` with mean and std over all brain voxels of all frames
     (brain = :func:`brain_mask` of the temporal mean; a zero std divides by 1).
     ``zscore_run_bgmin``: the same, then every background voxel of every frame is set to the
-    minimum brain value after the transform. ``none``: an unchanged float32 copy.
+    minimum brain value after the transform. ``zscore_voxel``: every brain voxel's series
+    demeaned and divided by its own standard deviation over the run's frames (a constant series
+    becomes 0), background 0: only the fluctuations are left, each voxel on the same scale, as
+    connectivity analyses standardise their series; anatomy and intensity are gone.
+    ``none``: an unchanged float32 copy.
     """
     if method not in FMRI_NORMALIZE_METHODS:
         raise ValueError(f"normalize method must be one of {FMRI_NORMALIZE_METHODS}, "
@@ -351,6 +355,14 @@ def _normalize_inplace(out: np.ndarray, method: str) -> np.ndarray:
     if method == "none":
         return out
     mask = brain_mask(out.mean(axis=3, dtype=np.float64))
+    if method == "zscore_voxel":
+        brain = out[mask].astype(np.float64)  # (n_brain, T)
+        brain -= brain.mean(axis=1, keepdims=True)
+        std = brain.std(axis=1, keepdims=True)
+        brain /= np.where(std > 0, std, 1.0)
+        out[...] = 0.0
+        out[mask] = brain
+        return out
     brain = out[mask]  # (n_brain, T)
     mean = float(brain.mean(dtype=np.float64))
     std = float(brain.std(dtype=np.float64))
