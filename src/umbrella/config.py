@@ -112,6 +112,10 @@ class ModelConfig:
     token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
     patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
+    # rsfMRI's embedding: auto (= patch_embed) | linear | conv | connectivity (each patch a region:
+    # its token adds the region's row of the window's correlation matrix; the time patch must
+    # span the window)
+    rsfmri_embed: str = "auto"
     # subtract the training population's mean image (running statistics saved with the weights)
     # before the patch embedding, and scale the deviations to unit size (PopulationCentering);
     # without it the tiny preset learned neither sex nor age on the realistic cohort
@@ -205,6 +209,7 @@ _CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
     "patch_embed": ("linear", "conv"),
+    "rsfmri_embed": ("auto", "linear", "conv", "connectivity"),
     "regression": ("expected", "median", "generate"),
     "select_best": ("auto", "none", "val_loss", "metric"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from umbrella.errors import ModelError
 
 KNOWN_MODALITIES = ("T1", "rsfMRI", "dMRI")
-PATCH_EMBEDS = ("linear", "conv")
+PATCH_EMBEDS = ("linear", "conv", "connectivity")
 DEFAULT_STEM_CHANNELS = (16, 32, 64, 128)
 
 
@@ -41,6 +41,15 @@ def check_modality(name: str, spec: dict) -> dict:
     if out["embed"] not in PATCH_EMBEDS:
         raise ValueError(f"{name}: embed={out['embed']!r} is not a patch embedding; choose one of "
                          f"{', '.join(PATCH_EMBEDS)} (config key model.patch_embed)")
+    if out["embed"] == "connectivity":
+        if len(image_size) != 4 or patch_size[3] != image_size[3]:
+            raise ValueError(f"{name}: embed=connectivity reads each region's series over the whole "
+                             f"window, so it needs 4D inputs whose time patch is the window "
+                             f"(patch_size[3] = image_size[3]); got image_size {image_size}, "
+                             f"patch_size {patch_size}")
+        if num_patches(out) < 2:
+            raise ValueError(f"{name}: embed=connectivity needs at least 2 regions (patches); got "
+                             f"image_size {image_size}, patch_size {patch_size}")
     if out["embed"] == "conv":
         out["stem_channels"] = [int(c) for c in spec.get("stem_channels", DEFAULT_STEM_CHANNELS)]
         stem_plan(name, out)  # raises when the patch cannot be built from stride-2 stages

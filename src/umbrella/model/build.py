@@ -88,13 +88,17 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
 
 
 def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
-    """``modalities`` with ``model.patch_embed`` (and, for "conv", ``model.stem_channels``) written
-    into each spec that does not name its own ``embed``. A geometry error stays the ValueError of
+    """``modalities`` with ``model.patch_embed`` (rsfMRI: ``model.rsfmri_embed`` unless "auto"; and,
+    for "conv", ``model.stem_channels``) written into each spec that does not name its own
+    ``embed``. A geometry error stays the ValueError of
     :class:`BrainViTConfig`; a patch the stem cannot be built for raises ConfigError naming the
     config keys and the fix."""
     out, problems = {}, []
     for name, spec in modalities.items():
-        out[name] = spec = {"embed": cfg.patch_embed, **spec}
+        embed = cfg.patch_embed
+        if name == "rsfMRI" and cfg.rsfmri_embed != "auto":
+            embed = cfg.rsfmri_embed
+        out[name] = spec = {"embed": embed, **spec}
         if cfg.center_inputs:
             spec.setdefault("center", True)
         if spec["embed"] == "conv":
@@ -104,6 +108,12 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
                 stem_plan(name, {**geometry, "stem_channels": spec["stem_channels"]})
             except ValueError as exc:
                 problems.append(f"model.patch_embed=conv: {exc}")
+        elif spec["embed"] == "connectivity":
+            key = "model.rsfmri_embed" if name == "rsfMRI" else "model.patch_embed"
+            try:
+                check_modality(name, spec)
+            except ValueError as exc:
+                problems.append(f"{key}=connectivity: {exc}")
     if problems:
         raise ConfigError(problems)
     return out
@@ -115,8 +125,9 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                       ) -> BrainLlavaForConditionalGeneration:
     """A randomly initialised BrainLlava for ``modalities`` ({name: {image_size, patch_size, ...}}).
 
-    Each modality's patch embedding is ``cfg.patch_embed`` (linear | conv) unless its spec names
-    its own ``embed`` (see :func:`with_patch_embed`).
+    Each modality's patch embedding is ``cfg.patch_embed`` (linear | conv; rsfMRI:
+    ``cfg.rsfmri_embed`` unless "auto", which may also be connectivity) unless its spec names its
+    own ``embed`` (see :func:`with_patch_embed`).
 
     ``token_pool`` (default None: off): average-pool each image's tokens over the spatial token
     grid by this window before the projector (2 -> 216 tokens become 27 at 96³ / patch 16).

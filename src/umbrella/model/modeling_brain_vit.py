@@ -118,7 +118,12 @@ class BrainPatchEmbedding(nn.Module):
     outermost.
     ``embed="linear"``: ``proj`` is a Conv3d with kernel = stride = patch. ``embed="conv"``: ``stem``
     (stride-2 :class:`StemStage` s, :func:`stem_plan`) then ``proj`` with kernel = stride = the
-    odd rest of the patch (1x1x1 for powers of two).
+    odd rest of the patch (1x1x1 for powers of two). ``embed="connectivity"`` (4D, one time
+    block: the patch spans the window): every patch is a region; its token is the linear patch
+    embedding plus ``connectivity`` (a Linear over regions) of the region's row of the window's
+    correlation matrix (Pearson, of the regions' mean series), as brain-network transformers
+    tokenise connectivity, parcel-free here: what two distant regions share over time is in
+    each token before any attention.
     """
 
     def __init__(self, hidden_size: int, spec: dict, name: str = "image"):
@@ -137,6 +142,8 @@ class BrainPatchEmbedding(nn.Module):
                                         in zip(widths[:-1], widths[1:], strides, strict=True)))
             channels = widths[-1]
         self.proj = nn.Conv3d(channels, hidden_size, kernel_size=kernel, stride=kernel)
+        self.connectivity = (nn.Linear(num_patches(spec), hidden_size)
+                             if spec.get("embed") == "connectivity" else None)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
         self.center = (PopulationCentering((self.in_channels, *self.image_size[:3]))
                        if spec.get("center") else None)
@@ -156,6 +163,18 @@ class BrainPatchEmbedding(nn.Module):
         x = x.reshape(b, c, d, h, w, t // pt, pt).permute(0, 5, 1, 6, 2, 3, 4)
         return x.reshape(b * (t // pt), c * pt, d, h, w)
 
+    def region_correlation(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W, T) -> (B, N, N) float32: Pearson correlation over the T frames of the
+        regions' mean series (each patch a region, channels averaged; a flat series correlates 0)."""
+        b, c, d, h, w, t = x.shape
+        frames = x.float().permute(0, 1, 5, 2, 3, 4).reshape(b, c * t, d, h, w)
+        pooled = nn.functional.avg_pool3d(frames, self.proj.kernel_size)  # (B, C*T, D', H', W')
+        series = pooled.reshape(b, c, t, -1).mean(1)  # (B, T, N)
+        series = series - series.mean(1, keepdim=True)
+        norm = series.square().sum(1, keepdim=True).sqrt()
+        series = series / norm.clamp_min(1e-6)
+        return series.transpose(1, 2) @ series
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) or (B, C, D, H, W, T) -> (B, N, hidden)."""
         expected = (self.in_channels, *self.image_size)
@@ -171,7 +190,11 @@ class BrainPatchEmbedding(nn.Module):
         if self.stem is not None:
             x = self.stem(x)
         patches = self.proj(x).flatten(2).transpose(1, 2)  # (B * blocks, n, hidden)
-        return patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
+        tokens = patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
+        if self.connectivity is not None:
+            corr = self.region_correlation(pixel_values).to(self.connectivity.weight.dtype)
+            tokens = tokens + self.connectivity(corr)
+        return tokens
 
 
 class BrainViTPreTrainedModel(PreTrainedModel):

@@ -1,0 +1,126 @@
+"""The connectivity embedding of rsfMRI (model.rsfmri_embed=connectivity): each patch a region,
+its token adds the region's row of the window's correlation matrix; geometry checks, the config
+key, save/reload and a 2-rank DDP step with the other modalities idle or linear."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from umbrella.config import ModelConfig, load_config
+from umbrella.errors import ConfigError
+from umbrella.model.build import with_patch_embed
+from umbrella.model.configuration_brain_vit import BrainViTConfig
+from umbrella.model.modeling_brain_vit import BrainViTModel
+
+GEOM = {"T1": {"image_size": [16, 16, 16], "patch_size": [8, 8, 8]},
+        "rsfMRI": {"image_size": [16, 16, 8, 6], "patch_size": [8, 8, 4, 6]}}
+WORKER = Path(__file__).parents[1] / "training" / "ddp_worker.py"
+
+
+def _tower(hidden: int = 16) -> BrainViTModel:
+    mods = with_patch_embed(ModelConfig(rsfmri_embed="connectivity", center_inputs=False), GEOM)
+    torch.manual_seed(0)
+    return BrainViTModel(BrainViTConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_attention_heads=4, modalities=mods)).eval()
+
+
+def test_region_correlation_is_pearson_of_the_region_means():
+    emb = _tower().embeddings["rsfMRI"]
+    x = torch.randn(2, 1, 16, 16, 8, 6)
+    x[1, 0, :8, :8, :4] = 3.0  # a flat region: correlates 0 with every region, itself included
+    corr = emb.region_correlation(x)
+    assert corr.shape == (2, 8, 8) and corr.dtype == torch.float32
+    for b in range(2):
+        means = x[b, 0].reshape(2, 8, 2, 8, 2, 4, 6).mean(dim=(1, 3, 5)).reshape(8, 6).numpy()
+        expected = np.corrcoef(means[1:]) if b else np.corrcoef(means)
+        got = corr[b].numpy() if not b else corr[b, 1:, 1:].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert torch.all(corr[1, 0] == 0)
+
+
+def test_tokens_carry_the_correlation_beside_the_linear_patch():
+    tower = _tower()
+    emb = tower.embeddings["rsfMRI"]
+    assert emb.connectivity.in_features == 8 and tower.embeddings["T1"].connectivity is None
+    x = torch.randn(1, 1, 16, 16, 8, 6)
+    with torch.no_grad():
+        tokens = emb(x)
+        linear_only = emb.proj(emb._fold_time(x)).flatten(2).transpose(1, 2) + emb.position_embedding
+        conn = emb.connectivity(emb.region_correlation(x))
+    assert tokens.shape == (1, 8, 16)
+    torch.testing.assert_close(tokens, linear_only + conn)
+    # two regions made to share a series: their rows of the correlation change, so do the tokens
+    y = x.clone()
+    y[0, 0, 8:, 8:, 4:] = y[0, 0, :8, :8, :4]
+    with torch.no_grad():
+        assert (emb.region_correlation(y)[0, 0, 7] - 1).abs() < 1e-5
+        assert (emb(y)[0, 0] - tokens[0, 0]).abs().max() > 1e-3  # region 0's own patch unchanged
+
+
+def test_geometry_and_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"rsfMRI: embed=connectivity .*patch_size\[3\] = image_size\[3\]"):
+        BrainViTConfig(modalities={"rsfMRI": {"image_size": [16, 16, 16, 6],
+                                              "patch_size": [8, 8, 8, 3], "embed": "connectivity"}})
+    with pytest.raises(ConfigError, match=r"model.rsfmri_embed=connectivity: rsfMRI: .*window"):
+        with_patch_embed(ModelConfig(rsfmri_embed="connectivity"),
+                         {"rsfMRI": {"image_size": [16, 16, 16, 6], "patch_size": [8, 8, 8, 3]}})
+    with pytest.raises(ConfigError, match=r"model.patch_embed=connectivity: T1: .*4D"):
+        with_patch_embed(ModelConfig(patch_embed="connectivity"), GEOM)
+    with pytest.raises(ConfigError, match="rsfmri_embed.*choose one of auto, linear, conv, connectivity"):
+        load_config(None, ["model.rsfmri_embed=graph"])
+    cfg = load_config(None, ["model.rsfmri_embed=connectivity"]).model
+    specs = with_patch_embed(cfg, GEOM)
+    assert specs["rsfMRI"]["embed"] == "connectivity" and specs["T1"]["embed"] == "linear"
+    assert with_patch_embed(load_config().model, GEOM)["rsfMRI"]["embed"] == "linear"  # auto
+
+
+def test_save_and_reload_keep_the_connectivity_weights(tmp_path):
+    tower = _tower()
+    tower.save_pretrained(tmp_path)
+    again = BrainViTModel.from_pretrained(tmp_path).eval()
+    assert again.config.modalities["rsfMRI"]["embed"] == "connectivity"
+    x = torch.randn(2, 1, 16, 16, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(again.embeddings["rsfMRI"](x), tower.embeddings["rsfMRI"](x))
+    for (n, p), (n2, p2) in zip(tower.state_dict().items(), again.state_dict().items(), strict=True):
+        assert n == n2 and torch.equal(p, p2), n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_ddp_step_with_the_connectivity_embedding(tmp_path):
+    """Rank 0 trains T1, rank 1 rsfMRI (connectivity), dMRI idle: the step completes, the
+    connectivity weights get the single-process gradient on both ranks, idle dMRI untouched."""
+    path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
+           str(tmp_path), "--connectivity"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "--reference", "--connectivity"],
+                   env=env, check=True, timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ref = torch.load(tmp_path / "reference.pt", weights_only=True)
+    # rsfMRI: position table, proj weight + bias, connectivity weight + bias
+    assert len(ref["grads"]["rsfMRI"]) == 5
+    for modality in ("T1", "rsfMRI"):
+        for g0, g1, gr in zip(ranks[0]["grads"][modality], ranks[1]["grads"][modality],
+                              ref["grads"][modality], strict=True):
+            assert torch.equal(g0, g1)
+            assert g0.abs().max() > 0
+            assert torch.allclose(g0, gr, atol=1e-5, rtol=1e-4), (g0 - gr).abs().max()
+    for r in (*ranks, ref):
+        assert all(g is not None and not g.any() for g in r["grads"]["dMRI"])
+        for name, before in r["dmri_before"].items():
+            assert torch.equal(before, r["dmri_after"][name]), name
