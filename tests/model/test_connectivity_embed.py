@@ -2,15 +2,10 @@
 its token adds the region's row of the window's correlation matrix; geometry checks, the config
 key, save/reload and a 2-rank DDP step with the other modalities idle or linear."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from ddp_two_ranks import assert_step_agrees, two_rank_step
 
 from umbrella.config import ModelConfig, load_config
 from umbrella.errors import ConfigError
@@ -20,7 +15,6 @@ from umbrella.model.modeling_brain_vit import BrainViTModel
 
 GEOM = {"T1": {"image_size": [16, 16, 16], "patch_size": [8, 8, 8]},
         "rsfMRI": {"image_size": [16, 16, 8, 6], "patch_size": [8, 8, 4, 6]}}
-WORKER = Path(__file__).parents[1] / "training" / "ddp_worker.py"
 
 
 def _tower(hidden: int = 16) -> BrainViTModel:
@@ -92,35 +86,10 @@ def test_save_and_reload_keep_the_connectivity_weights(tmp_path):
         assert n == n2 and torch.equal(p, p2), n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_ddp_step_with_the_connectivity_embedding(tmp_path):
     """Rank 0 trains T1, rank 1 rsfMRI (connectivity), dMRI idle: the step completes, the
     connectivity weights get the single-process gradient on both ranks, idle dMRI untouched."""
-    path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
-           str(tmp_path), "--connectivity"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "--reference", "--connectivity"],
-                   env=env, check=True, timeout=300)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    ref = torch.load(tmp_path / "reference.pt", weights_only=True)
+    ranks, ref = two_rank_step(tmp_path, "--connectivity")
     # rsfMRI: position table, proj weight + bias, connectivity weight + bias
     assert len(ref["grads"]["rsfMRI"]) == 5
-    for modality in ("T1", "rsfMRI"):
-        for g0, g1, gr in zip(ranks[0]["grads"][modality], ranks[1]["grads"][modality],
-                              ref["grads"][modality], strict=True):
-            assert torch.equal(g0, g1)
-            assert g0.abs().max() > 0
-            assert torch.allclose(g0, gr, atol=1e-5, rtol=1e-4), (g0 - gr).abs().max()
-    for r in (*ranks, ref):
-        assert all(g is not None and not g.any() for g in r["grads"]["dMRI"])
-        for name, before in r["dmri_before"].items():
-            assert torch.equal(before, r["dmri_after"][name]), name
+    assert_step_agrees(ranks, ref)
