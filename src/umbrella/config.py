@@ -112,8 +112,8 @@ class ModelConfig:
     token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
     patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
-    # rsfMRI's embedding: auto (= patch_embed) | linear | conv | connectivity (each patch a region:
-    # its token adds the region's row of the window's correlation matrix; the time patch must
+    # rsfMRI's embedding: auto (= patch_embed) | linear | conv | connectivity (each patch a region,
+    # its token a linear map of its row of the window's correlation matrix; the time patch must
     # span the window)
     rsfmri_embed: str = "auto"
     # subtract the training population's mean image (running statistics saved with the weights)

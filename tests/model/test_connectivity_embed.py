@@ -1,6 +1,6 @@
 """The connectivity embedding of rsfMRI (model.rsfmri_embed=connectivity): each patch a region,
-its token adds the region's row of the window's correlation matrix; geometry checks, the config
-key, save/reload and a 2-rank DDP step with the other modalities idle or linear."""
+its token a linear map of the region's row of the window's correlation matrix; geometry checks,
+the config key, save/reload and a 2-rank DDP step with the other modalities idle or linear."""
 
 import numpy as np
 import pytest
@@ -38,23 +38,26 @@ def test_region_correlation_is_pearson_of_the_region_means():
     assert torch.all(corr[1, 0] == 0)
 
 
-def test_tokens_carry_the_correlation_beside_the_linear_patch():
+def test_tokens_are_the_correlation_rows_not_the_intensities():
     tower = _tower()
     emb = tower.embeddings["rsfMRI"]
-    assert emb.connectivity.in_features == 8 and tower.embeddings["T1"].connectivity is None
+    assert emb.connectivity.in_features == 8 and emb.proj is None
+    assert tower.embeddings["T1"].connectivity is None
     x = torch.randn(1, 1, 16, 16, 8, 6)
     with torch.no_grad():
         tokens = emb(x)
-        linear_only = emb.proj(emb._fold_time(x)).flatten(2).transpose(1, 2) + emb.position_embedding
-        conn = emb.connectivity(emb.region_correlation(x))
-    assert tokens.shape == (1, 8, 16)
-    torch.testing.assert_close(tokens, linear_only + conn)
-    # two regions made to share a series: their rows of the correlation change, so do the tokens
-    y = x.clone()
-    y[0, 0, 8:, 8:, 4:] = y[0, 0, :8, :8, :4]
-    with torch.no_grad():
+        expected = emb.connectivity(emb.region_correlation(x)) + emb.position_embedding
+        torch.testing.assert_close(tokens, expected)
+        assert tokens.shape == (1, 8, 16)
+        # each region's series scaled and shifted: correlations, hence tokens, unchanged
+        gain = torch.rand(1, 1, 2, 1, 2, 1, 2, 1, 1) + 0.5
+        scaled = (x.reshape(1, 1, 2, 8, 2, 8, 2, 4, 6) * gain + 3).reshape(x.shape)
+        torch.testing.assert_close(emb(scaled), tokens, atol=1e-4, rtol=1e-4)
+        # two regions made to share a series: their rows of the correlation change, so do the tokens
+        y = x.clone()
+        y[0, 0, 8:, 8:, 4:] = y[0, 0, :8, :8, :4]
         assert (emb.region_correlation(y)[0, 0, 7] - 1).abs() < 1e-5
-        assert (emb(y)[0, 0] - tokens[0, 0]).abs().max() > 1e-3  # region 0's own patch unchanged
+        assert (emb(y)[0, 0] - tokens[0, 0]).abs().max() > 1e-3  # region 0's own voxels unchanged
 
 
 def test_geometry_and_config_errors_name_the_key():
@@ -90,6 +93,6 @@ def test_two_rank_ddp_step_with_the_connectivity_embedding(tmp_path):
     """Rank 0 trains T1, rank 1 rsfMRI (connectivity), dMRI idle: the step completes, the
     connectivity weights get the single-process gradient on both ranks, idle dMRI untouched."""
     ranks, ref = two_rank_step(tmp_path, "--connectivity")
-    # rsfMRI: position table, proj weight + bias, connectivity weight + bias
-    assert len(ref["grads"]["rsfMRI"]) == 5
+    # rsfMRI: position table, connectivity weight + bias (no patch projection)
+    assert len(ref["grads"]["rsfMRI"]) == 3
     assert_step_agrees(ranks, ref)

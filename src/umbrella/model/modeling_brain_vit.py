@@ -119,11 +119,11 @@ class BrainPatchEmbedding(nn.Module):
     ``embed="linear"``: ``proj`` is a Conv3d with kernel = stride = patch. ``embed="conv"``: ``stem``
     (stride-2 :class:`StemStage` s, :func:`stem_plan`) then ``proj`` with kernel = stride = the
     odd rest of the patch (1x1x1 for powers of two). ``embed="connectivity"`` (4D, one time
-    block: the patch spans the window): every patch is a region; its token is the linear patch
-    embedding plus ``connectivity`` (a Linear over regions) of the region's row of the window's
-    correlation matrix (Pearson, of the regions' mean series), as brain-network transformers
-    tokenise connectivity, parcel-free here: what two distant regions share over time is in
-    each token before any attention.
+    block: the patch spans the window): every patch is a region and its token is
+    ``connectivity`` (a Linear over regions) of the region's row of the window's correlation
+    matrix (Pearson, of the regions' mean series) plus its position, as brain-network
+    transformers tokenise connectivity, parcel-free here: the token holds what the region shares
+    over time with every other region, not its intensities (no ``proj``).
     """
 
     def __init__(self, hidden_size: int, spec: dict, name: str = "image"):
@@ -141,9 +141,12 @@ class BrainPatchEmbedding(nn.Module):
             self.stem = nn.Sequential(*(StemStage(c_in, c_out, s) for c_in, c_out, s
                                         in zip(widths[:-1], widths[1:], strides, strict=True)))
             channels = widths[-1]
-        self.proj = nn.Conv3d(channels, hidden_size, kernel_size=kernel, stride=kernel)
-        self.connectivity = (nn.Linear(num_patches(spec), hidden_size)
-                             if spec.get("embed") == "connectivity" else None)
+        self.region = tuple(kernel)
+        if spec.get("embed") == "connectivity":  # the region's correlation row is its content
+            self.proj, self.connectivity = None, nn.Linear(num_patches(spec), hidden_size)
+        else:
+            self.proj = nn.Conv3d(channels, hidden_size, kernel_size=kernel, stride=kernel)
+            self.connectivity = None
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches(spec), hidden_size))
         self.center = (PopulationCentering((self.in_channels, *self.image_size[:3]))
                        if spec.get("center") else None)
@@ -168,7 +171,7 @@ class BrainPatchEmbedding(nn.Module):
         regions' mean series (each patch a region, channels averaged; a flat series correlates 0)."""
         b, c, d, h, w, t = x.shape
         frames = x.float().permute(0, 1, 5, 2, 3, 4).reshape(b, c * t, d, h, w)
-        pooled = nn.functional.avg_pool3d(frames, self.proj.kernel_size)  # (B, C*T, D', H', W')
+        pooled = nn.functional.avg_pool3d(frames, self.region)  # (B, C*T, D', H', W')
         series = pooled.reshape(b, c, t, -1).mean(1)  # (B, T, N)
         series = series - series.mean(1, keepdim=True)
         norm = series.square().sum(1, keepdim=True).sqrt()
@@ -183,6 +186,9 @@ class BrainPatchEmbedding(nn.Module):
                              f"modality's (B, {', '.join(map(str, expected))})")
         if self.center is not None:
             pixel_values = self.center(pixel_values)
+        if self.connectivity is not None:
+            corr = self.region_correlation(pixel_values).to(self.connectivity.weight.dtype)
+            return self.connectivity(corr) + self.position_embedding
         x = pixel_values.to(self._compute_dtype(pixel_values))
         batch = x.shape[0]
         if self.time_patch is not None:
@@ -190,11 +196,7 @@ class BrainPatchEmbedding(nn.Module):
         if self.stem is not None:
             x = self.stem(x)
         patches = self.proj(x).flatten(2).transpose(1, 2)  # (B * blocks, n, hidden)
-        tokens = patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
-        if self.connectivity is not None:
-            corr = self.region_correlation(pixel_values).to(self.connectivity.weight.dtype)
-            tokens = tokens + self.connectivity(corr)
-        return tokens
+        return patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
 
 
 class BrainViTPreTrainedModel(PreTrainedModel):
