@@ -61,16 +61,18 @@ T1_SETTINGS = ["dataset.T1.image_size=[48,64,48]", "dataset.T1.patch_size=[16,16
                "training.generation_log_every=0"]
 # rsfMRI runs are written at 8 mm (28 x 32 x 28 voxels, 24 frames of TR 2 s: the large-scale
 # networks that carry the planted connectivity span many 8 mm voxels; 2,000 runs at 4 mm would
-# be 9.6 GB of float16 windows in RAM) and read as windows of 8 frames (a random one per step
-# in training; every window, predictions averaged per subject, in evaluation), cropped to
-# 24 x 32 x 24 around the head with 8^3 x 8-frame patches (36 tokens); the optimiser and the
-# selection as for T1.
+# be 9.6 GB of float16 in RAM), cropped to 24 x 32 x 24 around the head and read whole (one
+# window of all 24 frames: the planted coupling is the run's correlation; 8-frame windows left
+# it too noisy to learn), every voxel's series standardised (normalize=zscore_voxel), and
+# embedded by connectivity (model.rsfmri_embed=connectivity: 4^3-voxel regions, 288 tokens, each
+# its row of the run's correlation matrix); the optimiser and the selection as for T1.
 FMRI_GRID = (28, 32, 28)
-FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "dataset.rsfMRI.patch_size=[8,8,8,8]",
-                 "dataset.rsfMRI.eval_windows=all", "training.max_steps=1500",
-                 "training.learning_rate=5e-4", "training.weight_decay=0.1",
-                 "training.eval_steps=250", "training.select_best=metric",
-                 "training.generation_log_every=0"]
+FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "dataset.rsfMRI.sequence_length=24",
+                 "dataset.rsfMRI.patch_size=[4,4,4,24]", "dataset.rsfMRI.normalize=zscore_voxel",
+                 "model.rsfmri_embed=connectivity", "dataset.rsfMRI.eval_windows=all",
+                 "training.max_steps=1500", "training.learning_rate=5e-4",
+                 "training.weight_decay=0.1", "training.eval_steps=250",
+                 "training.select_best=metric", "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
 
 
