@@ -471,6 +471,10 @@ def test_prepare_demo_writes_config_without_training(tmp_path):
     assert cfg.training.max_steps == 600  # 200 per records file
     inputs = modality_inputs(cfg)
     assert {m: i.tokens for m, i in inputs.items()} == {"T1": 392, "rsfMRI": 392}
+    # rsfMRI read as realistic runs carry sex: whole runs, standardised series, by connectivity
+    assert cfg.dataset.rsfMRI.sequence_length == 12 and cfg.dataset.rsfMRI.patch_size[3] == 12
+    assert cfg.dataset.rsfMRI.normalize == "zscore_voxel"
+    assert cfg.model.rsfmri_embed == "connectivity" and cfg.model.patch_embed == "linear"
     # every image the config names reads at its voxel_size (no frame folder, which has no affine)
     from umbrella.data.catalog import load_config_records
 

@@ -165,13 +165,17 @@ def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
                 seed: int, overrides: list[str], *, modalities=("T1",), aux_size=48,
                 aux_patch: int = 8, sequence_length: int = 8,
                 steps: int | None = None, voxel: float | None = None,
-                aux_voxel: float | None = None) -> UmbrellaConfig:
+                aux_voxel: float | None = None,
+                connectivity: bool = False) -> UmbrellaConfig:
     """The demo's config: T1 ``image_size`` (an int for a cube, or 3 ints) / ``patch``; rsfMRI
     and dMRI ``aux_size`` / ``aux_patch`` (rsfMRI windows of ``sequence_length`` frames, one time
     patch per window, window starts every 4 frames); proportional modality mixing; ``steps``
     default: 200 for T1 alone, 100 per modality for several. ``records``: one file for every
     modality, or {modality: [files]}. ``voxel`` / ``aux_voxel``: read the images at this
-    spacing (mm; the cohort's own), instead of the config's default field of view."""
+    spacing (mm; the cohort's own), instead of the config's default field of view.
+    ``connectivity``: rsfMRI is read as one window of ``sequence_length`` frames whose voxel
+    series are standardised (``normalize=zscore_voxel``) and embedded by connectivity
+    (``model.rsfmri_embed=connectivity``): what the realistic cohort's runs carry sex in."""
     size, aux = _triple(image_size), _triple(aux_size)
     files = records if isinstance(records, dict) else {m: [records] for m in modalities}
     sections = {
@@ -184,6 +188,11 @@ def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
         "dMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                  f"patch_size=[{aux_patch},{aux_patch},{aux_patch}]", "dmri_map=FA"],
     }
+    if connectivity:
+        sections["rsfMRI"] = [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
+                              f"patch_size=[{aux_patch},{aux_patch},{aux_patch},"
+                              f"{sequence_length}]", f"sequence_length={sequence_length}",
+                              "eval_windows=all", "normalize=zscore_voxel"]
     for m, v in (("T1", voxel), ("rsfMRI", aux_voxel), ("dMRI", aux_voxel)):
         if v is not None:
             sections[m].append(f"voxel_size=[{v},{v},{v}]")
@@ -199,6 +208,8 @@ def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
              f"training.output_dir={out / 'runs'}", f"training.seed={seed}",
              f"training.max_steps={steps}", "training.eval_steps=50",
              "training.logging_steps=10", "evaluation.split=test"]
+    if connectivity and "rsfMRI" in modalities:
+        base.append("model.rsfmri_embed=connectivity")
     return load_config(None, base + list(overrides))
 
 
@@ -339,10 +350,13 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
                 if m in used:
                     log(f"      achievable {task} {t['metric']} from {m}: {t['achievable']:g} "
                         f"({t['note']})")
+    # realistic rsfMRI runs carry sex in connectivity only: read each run whole, by connectivity
+    # (benchmarks/README.md section 11: 8-frame windows of linear patches learned nothing)
+    realistic = {"voxel": voxel, "aux_voxel": aux_voxel, "connectivity": True}
     cfg = demo_config(out, files, built.root, image_size, patch, seed, list(overrides),
                       modalities=used, aux_size=aux_size, aux_patch=aux_patch,
-                      sequence_length=sequence_length, steps=steps,
-                      **({} if cohort == "basic" else {"voxel": voxel, "aux_voxel": aux_voxel}))
+                      sequence_length=n_frames if cohort == "realistic" else sequence_length,
+                      steps=steps, **({} if cohort == "basic" else realistic))
     save_config(cfg, out / "demo.yaml")
     return DemoPlan(built, files, cfg, out / "demo.yaml", used, truth)
 
