@@ -130,6 +130,33 @@ def test_patch_embed_compares_conv_with_linear_of_the_same_run(opts, capsys):
     assert all(r["steps"] == 2 and 0 <= r["accuracy_final"] <= 1 for r in demo.values())
 
 
+def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(tmp_path,
+                                                                              capsys):
+    """The learning benchmark end to end on a 40-subject realistic cohort, 4 steps per part."""
+    from benchmarks import learning
+
+    out = learning.main(["--smoke", "--part", "T1,rsfMRI", "--workdir", str(tmp_path), "--quiet",
+                         "--threads", "1"])
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('{"benchmark"')]
+    assert len(printed) == 1 and json.loads(printed[0])["benchmark"] == "learning"
+    res = out["results"]
+    truth = json.loads((tmp_path / "realistic_40_4mm" / "cohort" / "truth.json").read_text())
+    for part, tasks in (("T1", {"age", "sex"}), ("rsfMRI", {"sex"})):
+        assert set(res[part]["tasks"]) == tasks
+        run = res[part]["runs"][0]
+        assert run["best"]["max_steps"] == 4 and run["train_s"] > 0
+        for task, entry in res[part]["tasks"].items():
+            assert entry["n_test"] > 0 and entry["seeds"] == 1
+            assert entry["achievable"] == truth["tasks"][task][part]["achievable"]
+            assert entry["reference"] is not None and entry["baseline"] is not None
+            assert res["checks"][f"{part}.{task}"] == entry["met"]
+    # each part trained with its own settings
+    saved = {part: (Path(res[part]["runs"][0]["run_dir"]) / "config.yaml").read_text()
+             for part in ("T1", "rsfMRI")}
+    assert "rsfmri_embed: connectivity" in saved["rsfMRI"]
+    assert "augment: true" in saved["T1"]
+
+
 def test_run_all_collects_every_target(payloads):
     targets, rows = run_all.summarize(payloads)
     assert {"data_path.rsfmri_cache_vs_decode_at_least_20x", "loader_memory.rss_growth_below_50mb",
