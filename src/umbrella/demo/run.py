@@ -352,11 +352,12 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
                         f"({t['note']})")
     # realistic rsfMRI runs carry sex in connectivity only: read each run whole, by connectivity
     # (benchmarks/README.md section 11: 8-frame windows of linear patches learned nothing)
-    realistic = {"voxel": voxel, "aux_voxel": aux_voxel, "connectivity": True}
+    realistic = cohort == "realistic"
     cfg = demo_config(out, files, built.root, image_size, patch, seed, list(overrides),
                       modalities=used, aux_size=aux_size, aux_patch=aux_patch,
-                      sequence_length=n_frames if cohort == "realistic" else sequence_length,
-                      steps=steps, **({} if cohort == "basic" else realistic))
+                      sequence_length=n_frames if realistic else sequence_length, steps=steps,
+                      **({"voxel": voxel, "aux_voxel": aux_voxel, "connectivity": True}
+                         if realistic else {}))
     save_config(cfg, out / "demo.yaml")
     return DemoPlan(built, files, cfg, out / "demo.yaml", used, truth)
 
