@@ -107,7 +107,7 @@ def _tokenizer_corpus(records) -> list[str]:
 
 def augmenter(modality: str, section) -> VolumeAugment:
     """The training split's augmentation of one modality from its ``augment_ranges``
-    (left-right flips only: the canonical RAS+ x axis)."""
+    (flips along the left-right axis only: the canonical RAS+ x axis)."""
     if modality == "rsfMRI":
         raise ConfigError("dataset.rsfMRI.augment=true: augmentation applies to 3D volumes (T1, "
                           "dMRI); rsfMRI training already draws a random window per step. Set "
