@@ -61,18 +61,18 @@ T1_SETTINGS = ["dataset.T1.image_size=[48,64,48]", "dataset.T1.patch_size=[16,16
                "training.generation_log_every=0"]
 # rsfMRI runs are written at 8 mm (28 x 32 x 28 voxels, 24 frames of TR 2 s: the large-scale
 # networks that carry the planted connectivity span many 8 mm voxels; 2,000 runs at 4 mm would
-# be 9.6 GB of float16 in RAM), cropped to 24 x 32 x 24 around the head and read whole (one
-# window of all 24 frames: the planted coupling is the run's correlation; 8-frame windows left
-# it too noisy to learn), every voxel's series standardised (normalize=zscore_voxel), and
-# embedded by connectivity (model.rsfmri_embed=connectivity: 4^3-voxel regions, 288 tokens, each
-# its row of the run's correlation matrix); the optimiser and the selection as for T1.
-FMRI_GRID = (28, 32, 28)
-FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "dataset.rsfMRI.sequence_length=24",
-                 "dataset.rsfMRI.patch_size=[4,4,4,24]", "dataset.rsfMRI.normalize=zscore_voxel",
-                 "model.rsfmri_embed=connectivity", "dataset.rsfMRI.eval_windows=all",
-                 "training.max_steps=1500", "training.learning_rate=5e-4",
-                 "training.weight_decay=0.1", "training.eval_steps=250",
-                 "training.select_best=metric", "training.generation_log_every=0"]
+# be 9.6 GB of float16 in RAM) in 4^3-voxel regions (FMRI_PATCH). The realistic demo's config
+# reads them as they carry sex (umbrella.demo.run.demo_config, connectivity=True): each run
+# whole (one window of all 24 frames: the planted coupling is the run's correlation; 8-frame
+# windows left it too noisy to learn), every voxel's series standardised
+# (normalize=zscore_voxel), embedded by connectivity (model.rsfmri_embed=connectivity). Here the
+# runs are cropped to 24 x 32 x 24 around the head (288 regions) and trained with the optimiser
+# and selection of the T1 part.
+FMRI_GRID, FMRI_PATCH = (28, 32, 28), 4
+FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "training.max_steps=1500",
+                 "training.learning_rate=5e-4", "training.weight_decay=0.1",
+                 "training.eval_steps=250", "training.select_best=metric",
+                 "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
 
 
@@ -97,6 +97,7 @@ def prepare(workdir: Path, parts: list[str], n_subjects: int, overrides: list[st
     return prepare_demo(workdir / f"realistic_{n_subjects}_4mm", cohort="realistic",
                         n_subjects=n_subjects, modalities=mods, overrides=list(overrides),
                         image_size=COHORT_GRID, patch=COHORT_PATCH, aux_size=FMRI_GRID,
+                        aux_patch=FMRI_PATCH,
                         progress=not quiet, log=_quiet if quiet else print)
 
 

@@ -150,11 +150,19 @@ def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(
             assert entry["achievable"] == truth["tasks"][task][part]["achievable"]
             assert entry["reference"] is not None and entry["baseline"] is not None
             assert res["checks"][f"{part}.{task}"] == entry["met"]
-    # each part trained with its own settings
-    saved = {part: (Path(res[part]["runs"][0]["run_dir"]) / "config.yaml").read_text()
+    # each part trained with its own settings: rsfMRI the ones section 11 measured
+    from umbrella.config import load_config
+
+    saved = {part: load_config(Path(res[part]["runs"][0]["run_dir"]) / "config.yaml")
              for part in ("T1", "rsfMRI")}
-    assert "rsfmri_embed: connectivity" in saved["rsfMRI"]
-    assert "augment: true" in saved["T1"]
+    fmri = saved["rsfMRI"].dataset.rsfMRI
+    assert (fmri.image_size, fmri.patch_size, fmri.sequence_length) == \
+        ([24, 32, 24], [4, 4, 4, 24], 24)
+    assert (fmri.normalize, fmri.eval_windows, fmri.voxel_size) == ("zscore_voxel", "all",
+                                                                    [8.0, 8.0, 8.0])
+    assert saved["rsfMRI"].model.rsfmri_embed == "connectivity" and not saved["rsfMRI"].dataset.T1.records
+    t1 = saved["T1"].dataset.T1
+    assert t1.augment and t1.augment_ranges.scale == 0 and not saved["T1"].dataset.rsfMRI.records
 
 
 def test_run_all_collects_every_target(payloads):

@@ -184,15 +184,12 @@ def demo_config(out: Path, records, cohort_root: Path, image_size, patch: int,
         "rsfMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                    f"patch_size=[{aux_patch},{aux_patch},{aux_patch},{sequence_length}]",
                    f"sequence_length={sequence_length}", "stride_within_seq=1",
-                   "stride_between_seq=4", "eval_windows=first", "normalize=zscore_run"],
+                   "stride_between_seq=4",
+                   f"eval_windows={'all' if connectivity else 'first'}",
+                   f"normalize={'zscore_voxel' if connectivity else 'zscore_run'}"],
         "dMRI": [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
                  f"patch_size=[{aux_patch},{aux_patch},{aux_patch}]", "dmri_map=FA"],
     }
-    if connectivity:
-        sections["rsfMRI"] = [f"image_size=[{aux[0]},{aux[1]},{aux[2]}]",
-                              f"patch_size=[{aux_patch},{aux_patch},{aux_patch},"
-                              f"{sequence_length}]", f"sequence_length={sequence_length}",
-                              "eval_windows=all", "normalize=zscore_voxel"]
     for m, v in (("T1", voxel), ("rsfMRI", aux_voxel), ("dMRI", aux_voxel)):
         if v is not None:
             sections[m].append(f"voxel_size=[{v},{v},{v}]")
