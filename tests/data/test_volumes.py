@@ -332,6 +332,24 @@ def test_preprocess_resamples_to_voxel_size(tmp_path):
     assert (out[:, 15, 9] > 0.5).sum() == 10 and (out[15, 15, :] > 0.5).sum() == 10
 
 
+def test_downsampling_counts_a_thin_sheet_wherever_it_lies():
+    """2 mm -> 8 mm: a one-voxel sheet must reach the coarse grid by how much of it each coarse
+    voxel holds, not by whether a trilinear sample falls on it (aliasing). Without the
+    anti-aliasing prefilter the sheet's coarse mass is 0 at some offsets and 0.5 at others."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    masses = []
+    for offset in range(8, 16):
+        vol = np.zeros((32, 8, 8), np.float32)
+        vol[offset] = 1.0
+        out = resample_to_spacing(vol, affine, (8.0, 8.0, 8.0))
+        assert out.shape == (8, 2, 2)
+        masses.append(float(out[:, 0, 0].sum()) * 4)  # 4 fine voxels per coarse voxel
+    np.testing.assert_allclose(masses, 1.0, atol=0.1)  # +-6 % left by the sampling
+    # a constant stays constant; growing an axis adds no blur (the ramp test above)
+    flat = resample_to_spacing(np.full((32, 8, 8), 3.0, np.float32), affine, (8.0, 8.0, 8.0))
+    np.testing.assert_allclose(flat, 3.0, atol=1e-5)
+
+
 def test_preprocess_rejects_absurd_voxel_size(tmp_path):
     path = _save(tmp_path, _head((20, 20, 20)))
     with pytest.raises(VolumeError, match="voxel_size") as info:
