@@ -24,6 +24,17 @@ def _tower(hidden: int = 16) -> BrainViTModel:
                                         num_attention_heads=4, modalities=mods)).eval()
 
 
+def test_connectivity_embedding_is_not_centred():
+    """model.center_inputs centres linear / conv patches only: a correlation is unchanged by a
+    global scale, and subtracting the population's mean series would only add its noise."""
+    mods = with_patch_embed(ModelConfig(rsfmri_embed="connectivity", center_inputs=True), GEOM)
+    assert mods["T1"].get("center") is True and "center" not in mods["rsfMRI"]
+    tower = BrainViTModel(BrainViTConfig(hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=4, modalities=mods))
+    assert tower.embeddings["T1"].center is not None
+    assert tower.embeddings["rsfMRI"].center is None
+
+
 def test_region_correlation_is_pearson_of_the_region_means():
     emb = _tower().embeddings["rsfMRI"]
     x = torch.randn(2, 1, 16, 16, 8, 6)

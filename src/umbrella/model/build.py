@@ -90,8 +90,8 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
 def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
     """``modalities`` with ``model.patch_embed`` (rsfMRI: ``model.rsfmri_embed`` unless "auto"; and,
     for "conv", ``model.stem_channels``) written into each spec that does not name its own
-    ``embed``. A geometry error stays the ValueError of
-    :class:`BrainViTConfig`; a patch the stem cannot be built for raises ConfigError naming the
+    ``embed``, and ``center`` where ``model.center_inputs`` is on (not for connectivity). A
+    geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the stem cannot be built for raises ConfigError naming the
     config keys and the fix."""
     out, problems = {}, []
     for name, spec in modalities.items():
@@ -99,7 +99,9 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
         if name == "rsfMRI" and cfg.rsfmri_embed != "auto":
             embed = cfg.rsfmri_embed
         out[name] = spec = {"embed": embed, **spec}
-        if cfg.center_inputs:
+        # a connectivity embedding reads correlations, which no per-voxel offset or global scale
+        # changes: centering there would only subtract the population's mean series (noise)
+        if cfg.center_inputs and spec["embed"] != "connectivity":
             spec.setdefault("center", True)
         if spec["embed"] == "conv":
             spec.setdefault("stem_channels", list(cfg.stem_channels))
