@@ -335,7 +335,7 @@ def test_preprocess_resamples_to_voxel_size(tmp_path):
 def test_downsampling_counts_a_thin_sheet_wherever_it_lies():
     """2 mm -> 8 mm: a one-voxel sheet must reach the coarse grid by how much of it each coarse
     voxel holds, not by whether a trilinear sample falls on it (aliasing). Without the
-    anti-aliasing prefilter the sheet's coarse mass is 0 at some offsets and 0.5 at others."""
+    anti-aliasing prefilter the sheet's coarse mass is 0 at some offsets and 2 at others."""
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     masses = []
     for offset in range(8, 16):

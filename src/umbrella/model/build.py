@@ -91,8 +91,8 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
     """``modalities`` with ``model.patch_embed`` (rsfMRI: ``model.rsfmri_embed`` unless "auto"; and,
     for "conv", ``model.stem_channels``) written into each spec that does not name its own
     ``embed``, and ``center`` where ``model.center_inputs`` is on (not for connectivity). A
-    geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the stem cannot be built for raises ConfigError naming the
-    config keys and the fix."""
+    geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the stem cannot be
+    built for raises ConfigError naming the config keys and the fix."""
     out, problems = {}, []
     for name, spec in modalities.items():
         embed = cfg.patch_embed
