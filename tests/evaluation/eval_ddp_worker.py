@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from umbrella.training.launch import finish_worker
+
 
 def worker(rank: int, world: int, init_file: str, model_dir: str, records_file: str,
            data_root: str, out: str) -> None:
@@ -38,5 +40,6 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, records_file: 
             "world_size": result.metrics["world_size"],
             "merged": [(r["id"], r["rank"]) for r in merged]}
     Path(out, f"rank{rank}.json").write_text(json.dumps(info))
-    dist.barrier()
-    dist.destroy_process_group()
+    # barrier, destroy the group, exit work, os._exit: the ordinary interpreter exit can abort
+    # a rank after a finished gloo run (umbrella.training.launch explains the race)
+    finish_worker()

@@ -20,6 +20,7 @@ from umbrella.data.prompts import PromptEncoder
 from umbrella.data.records import Turn
 from umbrella.data.tokenizer import train_tokenizer
 from umbrella.model.build import build_brain_llava
+from umbrella.training.launch import finish_worker
 from umbrella.training.trainer import modality_parameters, release_idle_grads, unified_loss
 
 GEOM = {"T1": {"image_size": [16, 16, 16], "patch_size": [8, 8, 8]},
@@ -77,8 +78,9 @@ def main(out: str, reference: bool, conv: bool = False, connectivity: bool = Fal
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     result = step(ddp, model, lambda: unified_loss(ddp, halves[rank])[0])
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    # barrier, destroy the group, exit work, os._exit: the ordinary interpreter exit can abort
+    # a rank after a finished gloo run (umbrella.training.launch explains the race)
+    finish_worker()
 
 
 if __name__ == "__main__":
