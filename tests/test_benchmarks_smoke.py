@@ -162,10 +162,10 @@ def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(
                                                                     [8.0, 8.0, 8.0])
     assert saved["rsfMRI"].model.rsfmri_embed == "connectivity" and not saved["rsfMRI"].dataset.T1.records
     t1 = saved["T1"].dataset.T1
-    assert t1.augment and t1.augment_ranges.scale == 0 and not saved["T1"].dataset.rsfMRI.records
+    assert t1.augment and not saved["T1"].dataset.rsfMRI.records
     ranges = t1.augment_ranges  # the measured setting: flips, +-5 deg, +-2 voxels, no scale
-    assert (ranges.flip_prob, ranges.rotate_deg, ranges.translate_vox, ranges.intensity) == \
-        (0.5, 5, 2, 0)
+    assert (ranges.flip_prob, ranges.rotate_deg, ranges.translate_vox, ranges.scale,
+            ranges.intensity) == (0.5, 5, 2, 0, 0)
 
 
 def test_run_all_collects_every_target(payloads):

@@ -298,7 +298,7 @@ def fit_to_shape(data: np.ndarray, shape, mode: str = "crop_pad",
         raise ValueError(f"fit_to_shape needs a non-empty 3D array and 3 positive sizes, "
                          f"got array {data.shape} and shape {shape}")
     if mode == "resize":
-        return _resize(np.asarray(data, dtype=np.float32), shape)
+        return _resize(data, shape)
     if mode != "crop_pad":
         raise ValueError(f"fit_to_shape mode must be one of {SPATIAL_MODES}, got {mode!r}")
     crops = crop_windows(data.shape, shape, mask_box(keep) if keep is not None else None)
