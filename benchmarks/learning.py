@@ -23,7 +23,7 @@ candidates' expected value; the last step's weights are not kept, so best-vs-las
 best.json's validation curve instead).
 
 Usage: python -m benchmarks.learning [--seeds 0,1,2] [--part T1[,rsfMRI]] [--subjects 2000]
-                                     [--workdir DIR] [--smoke] [KEY=VALUE ...]
+                                     [--csf-contrast C] [--workdir DIR] [--smoke] [KEY=VALUE ...]
 KEY=VALUE overrides go to every training run's config (e.g. model.patch_embed=linear).
 """
 
@@ -90,20 +90,21 @@ def _ci(block: dict | None, metric: str):
     return None if not block else (block.get("ci") or {}).get(metric)
 
 
-def prepare(workdir: Path, parts: list[str], n_subjects: int, overrides: list[str], quiet: bool):
+def prepare(workdir: Path, parts: list[str], n_subjects: int, overrides: list[str], quiet: bool,
+            csf_contrast: float = 0.0):
     """The realistic cohort (built once in ``workdir``, reused) with records and a config for
     every part: T1 always, rsfMRI runs when the rsfMRI part is asked for or the cohort already
     holds them (a T1-only run then keeps them instead of dropping them from the cohort, so that
     ``--part T1`` and ``--part rsfMRI`` can alternate without rebuilding the runs)."""
     from umbrella.demo.run import prepare_demo
 
-    out = workdir / f"realistic_{n_subjects}_4mm"
+    out = workdir / f"realistic_{n_subjects}_4mm{f'_csf{csf_contrast:g}' if csf_contrast else ''}"
     has_runs = any((out / "cohort" / "rsfmri").glob("sub-*"))
     mods = ("T1", "rsfMRI") if "rsfMRI" in parts or has_runs else ("T1",)
     return prepare_demo(out, cohort="realistic",
                         n_subjects=n_subjects, modalities=mods, overrides=list(overrides),
                         image_size=COHORT_GRID, patch=COHORT_PATCH, aux_size=FMRI_GRID,
-                        aux_patch=FMRI_PATCH,
+                        aux_patch=FMRI_PATCH, csf_contrast=csf_contrast,
                         progress=not quiet, log=_quiet if quiet else print)
 
 
@@ -220,6 +221,9 @@ def main(argv=None) -> dict:
     p.add_argument("--subjects", type=int, default=SUBJECTS, help="realistic cohort size")
     p.add_argument("--ablate", action="store_true",
                    help="also evaluate age by greedy (digit-constrained) generation")
+    p.add_argument("--csf-contrast", type=float, default=0.0, metavar="C",
+                   help="build the cohort with T1 scans whose CSF level varies by U[1-C, 1+C] "
+                        "(a cohort of its own, realistic_N_4mm_csfC; default 0: off)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every training run")
     args = p.parse_args(argv)
@@ -237,7 +241,7 @@ def main(argv=None) -> dict:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     run_root = opts.workdir / ("learning_smoke" if opts.mode == "smoke" else "learning_runs")
     results, table_rows, checks, targets = {}, [], {}, {}
-    plan = prepare(opts.workdir, parts, n_subjects, [], opts.quiet)
+    plan = prepare(opts.workdir, parts, n_subjects, [], opts.quiet, args.csf_contrast)
     for part in parts:
         runs = [run_seed(plan, part, s, run_root, extra, args.ablate, opts.quiet) for s in seeds]
         tasks, rows = summarise(part, runs, plan.truth)

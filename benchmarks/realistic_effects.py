@@ -12,7 +12,7 @@ widening: ventricles only), ``--without ventricles``, ``--without anatomy``; ``N
 constant of :mod:`umbrella.demo.realistic` (e.g. ``ANATOMY_RMS_MM=6``) before anything is drawn.
 
 Usage: python -m benchmarks.realistic_effects [--subjects 400] [--without anatomy,cortex]
-                                              [NAME=VALUE ...]
+                                              [--csf-contrast C] [NAME=VALUE ...]
 Prints one JSON line: the reference's age MAE on the 80 test subjects, its ridge alpha, and the
 Bayes estimator's MAE from the planted brain age on the same subjects.
 """
@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subjects", type=int, default=400)
     p.add_argument("--without", default="", help="comma list: anatomy, cortex, ventricles")
+    p.add_argument("--csf-contrast", type=float, default=0.0, metavar="C",
+                   help="T1 scans' CSF level varies by U[1-C, 1+C] (default 0: off)")
     p.add_argument("constants", nargs="*", help="NAME=VALUE constants of umbrella.demo.realistic")
     args = p.parse_args(argv)
     common.setup(threads=1)
@@ -77,7 +79,8 @@ def main(argv=None) -> dict:
         sex = "male" if i % 2 else "female"
         lat = R.subject_latents(0, i, sex, float(ages[i]))
         job = A._Job(i, 0, sex, float(ages[i]), GRID, VOXEL, 0.0, "", variant="realistic",
-                     scale=lat.scale, brain_age=lat.brain_age)
+                     scale=lat.scale, brain_age=lat.brain_age,
+                     csf_factor=R.csf_contrast(0, i, args.csf_contrast))
         vol = finish_volume(R.synthesize_t1(job), A.output_affine(GRID, VOXEL), spec)
         X.append(volume_features(np.asarray(vol)))
         brain_age.append(lat.brain_age)
@@ -87,6 +90,7 @@ def main(argv=None) -> dict:
     pred = fit.model.predict(X[test])
     bayes = R.bayes_age(np.asarray(brain_age)[test])
     result = {"without": sorted(off), "constants": args.constants, "subjects": n,
+              "csf_contrast": args.csf_contrast,
               "reference_age_mae": round(float(np.abs(pred - y[test]).mean()), 3),
               "alpha": fit.regularisation["alpha"],
               "bayes_from_planted_age_mae": round(float(np.abs(bayes - y[test]).mean()), 3),

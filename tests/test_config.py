@@ -89,9 +89,9 @@ def test_augment_ranges_reach_the_training_augmentation():
     # the defaults are the measured setting: flips, +-5 deg, +-4 voxels, no scaling / intensity
     default = augmenter("T1", load_config().dataset.T1).options
     assert {k: default[k] for k in ("flip_prob", "rotate_deg", "scale", "translate_vox",
-                                    "intensity")} == {"flip_prob": 0.5, "rotate_deg": 5.0,
-                                                      "scale": 0.0, "translate_vox": 4.0,
-                                                      "intensity": 0.0}
+                                    "intensity", "gamma")} == {
+        "flip_prob": 0.5, "rotate_deg": 5.0, "scale": 0.0, "translate_vox": 4.0,
+        "intensity": 0.0, "gamma": 0.0}
     with pytest.raises(ConfigError, match="augment_ranges.scale"):
         load_config(None, ["dataset.T1.augment_ranges.scale=wide"])
     with pytest.raises(ConfigError, match=r"dataset\.T1\.augment_ranges: .*scale < 1"):

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                         "with `umbrella train -c OUT/demo.yaml`)")
     d.add_argument("--modalities", default="T1",
                    help="comma list of T1, rsfMRI, dMRI (default T1); one model learns them all")
+    d.add_argument("--csf-contrast", type=float, default=0.0, metavar="C",
+                   help="realistic cohort only: every T1 scan's CSF level is the template's "
+                        "times U[1-C, 1+C], as contrast differs between scanners (default 0: off)")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     p_ = sub.add_parser("prepare", help="phenotype table + images -> instruction records")
@@ -147,7 +150,8 @@ def _cmd_demo(args) -> int:
     else:
         n, size, patch = args.subjects, (None if realistic else 96), 16
     kwargs = {"cohort": args.cohort, "seed": args.seed, "n_subjects": n, "image_size": size,
-              "patch": patch, "overrides": args.overrides, "modalities": modalities}
+              "patch": patch, "overrides": args.overrides, "modalities": modalities,
+              "csf_contrast": args.csf_contrast}
     if args.build_only:
         from umbrella.demo.run import prepare_demo
 

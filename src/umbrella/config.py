@@ -40,6 +40,7 @@ class AugmentRanges:
     scale: float = 0.0  # scaling by 1 +- this, per axis
     translate_vox: float = 4.0  # translation, uniform +- voxels per axis
     intensity: float = 0.0  # intensity scaling by 1 +- this, then a shift of +- this
+    gamma: float = 0.0  # contrast curve: power uniform on [1 / (1 + this), 1 + this]
 
 
 @dataclass

@@ -410,6 +410,24 @@ def test_augment_intensity_only_is_affine_in_value():
     np.testing.assert_allclose(out, slope * vol + inter, atol=1e-3)
 
 
+def test_augment_gamma_only_is_a_monotone_curve_keeping_mean_and_sd():
+    vol = normalize_intensity(_head((12, 10, 8)), "zscore_brain")
+    aug = VolumeAugment(flip_prob=0, rotate_deg=0, scale=0, translate_vox=0, intensity=0,
+                        gamma=0.3)
+    outs = [aug(vol, seed=s) for s in range(6)]
+    order = np.argsort(vol.ravel(), kind="stable")
+    for out in outs:
+        assert np.all(np.diff(out.ravel()[order]) >= -1e-5)  # the voxels' order is kept
+        np.testing.assert_allclose([out.mean(), out.std()], [vol.mean(), vol.std()], atol=1e-4)
+    # a curve, not an affine map: the residual of a straight-line fit is far from zero, and
+    # the draws differ
+    resid = [np.abs(out - np.polyval(np.polyfit(vol.ravel(), out.ravel(), 1), vol)).max()
+             for out in outs]
+    assert max(resid) > 0.05
+    assert np.abs(outs[0] - outs[1]).max() > 0.01
+    np.testing.assert_array_equal(aug(vol, seed=3), outs[3])
+
+
 def test_augment_rejects_bad_input(augment):
     with pytest.raises(ValueError, match=r"\(D, H, W\)"):
         augment(np.zeros((1, 4, 4, 4), np.float32), seed=0)

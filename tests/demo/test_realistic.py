@@ -345,6 +345,84 @@ def test_older_brains_have_larger_ventricles_and_darker_cortex():
     assert R.aged_t1(85.0)[tpl.gm > 0.5].mean() < R.aged_t1(40.0)[tpl.gm > 0.5].mean() - 0.03
 
 
+def test_csf_contrast_curve_moves_csf_only_and_keeps_mixtures():
+    tpl = _template()
+    csf, gm = tpl.csf_level, R.gm_level()
+    assert 0 < csf < gm < 1
+    mix = csf + 0.3 * (gm - csf)  # 30 % of the way from CSF to GM (an aged cortical voxel)
+    levels = np.array([0.0, csf, mix, gm, 0.9, 1.0, 1.2], dtype=np.float32)
+    for factor in (0.9, 1.1):
+        out = R.with_csf_contrast(levels, factor)
+        np.testing.assert_allclose(out[[0, 3, 4, 5, 6]], levels[[0, 3, 4, 5, 6]], atol=1e-6)
+        np.testing.assert_allclose(out[1], csf * factor, rtol=1e-6)
+        # the mixing fraction between the scan's CSF level and GM is kept
+        np.testing.assert_allclose((out[2] - out[1]) / (out[3] - out[1]), 0.3, rtol=1e-5)
+        assert np.all(np.diff(out) > 0)  # a contrast curve: monotone
+
+
+def test_csf_contrast_draw_is_its_own_stream_within_range():
+    factors = [R.csf_contrast(0, i, 0.1) for i in range(200)]
+    assert factors == [R.csf_contrast(0, i, 0.1) for i in range(200)]
+    assert min(factors) >= 0.9 and max(factors) <= 1.1 and max(factors) - min(factors) > 0.15
+    assert R.csf_contrast(1, 0, 0.1) != R.csf_contrast(0, 0, 0.1)
+    assert R.csf_contrast(0, 0, 0.0) == 1.0
+    for bad in (-0.1, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="csf_contrast"):
+            R.csf_contrast(0, 0, bad)
+    assert "T1_csf_contrast" not in R.planted_parameters()["nuisance"]  # off by default
+    planted = R.planted_parameters(0.1)
+    assert planted["nuisance"]["T1_csf_contrast"]["spread"] == 0.1
+    assert planted["seeds"]["T1_csf_contrast"] == "SeedSequence([seed, index, 5])"
+    assert R.truth(("T1",), 0.1)["tasks"] == R.truth(("T1",))["tasks"]  # the limits stay
+
+
+def test_t1_scan_has_its_own_csf_level():
+    """The same subject under two CSF contrasts: the ventricles' CSF moves by the factor, the
+    white matter does not."""
+    from umbrella.demo.cohort import synthesize_subject
+
+    vols = {f: synthesize_subject(_Job(3, 0, "male", 70.0, (56, 64, 56), 4.0, 0.0, "",
+                                       variant="realistic", scale=1.0, brain_age=75.0,
+                                       csf_factor=f))
+            for f in (0.9, 1.1)}
+    out = output_affine((56, 64, 56), 4.0)
+    vc = np.asarray(R._anatomy.VENTRICLE_CENTRE_MM)
+    centre = np.round(np.linalg.solve(out[:3, :3], vc - out[:3, 3])).astype(int)
+    box = tuple(slice(c - 3, c + 4) for c in centre)
+    dark = vols[0.9][box] < 0.5 * np.percentile(vols[0.9], 99)  # ventricle CSF voxels
+    assert dark.sum() > 20
+    ratio = vols[1.1][box][dark].mean() / vols[0.9][box][dark].mean()
+    assert 1.12 < ratio < 1.3  # 1.1 / 0.9 = 1.22 on pure CSF, less with noise and mixtures
+    bright = vols[0.9] > np.percentile(vols[0.9], 98)
+    np.testing.assert_allclose(vols[1.1][bright].mean(), vols[0.9][bright].mean(), rtol=0.01)
+
+
+def test_cohort_with_csf_contrast_records_it_and_differs_only_in_t1(tmp_path):
+    small = dict(SMALL, modalities=("T1",))
+    with pytest.raises(ConfigError, match="realistic cohort only"):
+        build_demo_cohort(tmp_path / "b", 4, csf_contrast=0.1, progress=False)
+    with pytest.raises(ConfigError, match=r"csf_contrast must be a number in \[0, 0.5\)"):
+        build_demo_cohort(tmp_path / "c", 4, variant="realistic", csf_contrast=0.7, **small)
+    plain = build_demo_cohort(tmp_path / "plain", 6, variant="realistic", **small)
+    varied = build_demo_cohort(tmp_path / "varied", 6, variant="realistic", csf_contrast=0.2,
+                               **small)
+    manifest = json.loads((varied.root / "cohort.json").read_text())
+    assert manifest["parameters"]["planted"]["nuisance"]["T1_csf_contrast"]["spread"] == 0.2
+    truth = json.loads((varied.root / "truth.json").read_text())
+    assert truth["planted"] == R.planted_parameters(0.2)
+    assert (varied.root / "planted.csv").read_text() == (plain.root / "planted.csv").read_text()
+    moved = [not np.array_equal(nib.load(plain.root / s.t1_path).get_fdata(),
+                                nib.load(varied.root / s.t1_path).get_fdata())
+             for s in plain.subjects]
+    assert all(moved)
+    # the spread is part of the cohort's identity: the same folder rebuilt without it regenerates
+    again = build_demo_cohort(tmp_path / "varied", 6, variant="realistic", **small)
+    assert "T1_csf_contrast" not in json.loads(
+        (again.root / "cohort.json").read_text())["parameters"]["planted"]["nuisance"]
+    np.testing.assert_array_equal(nib.load(again.root / again.subjects[0].t1_path).get_fdata(),
+                                  nib.load(plain.root / plain.subjects[0].t1_path).get_fdata())
+
+
 def test_rsfmri_anatomy_does_not_depend_on_sex():
     male, female = (R.subject_latents(11, 4, s, 62) for s in ("male", "female"))
     assert male.rsfmri_scale == female.rsfmri_scale and male.brain_age == female.brain_age

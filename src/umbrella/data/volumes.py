@@ -422,19 +422,21 @@ class VolumeAugment:
     Per call: a flip along each axis in ``flip_axes`` (each with ``flip_prob``); one RandAffine
     (rotation up to ``rotate_deg`` degrees, scaling by 1 +/- ``scale``, translation up to
     ``translate_vox`` voxels, per axis; bilinear, border padding so background stays background);
-    then intensity scaling by 1 +/- ``intensity`` and a shift of +/- ``intensity``. A zero range
-    drops that transform. ``__call__(array, seed)`` re-seeds the Compose, so the output is a pure
-    function of (array, seed); derive ``seed`` from (base seed, epoch, sample index) to make it
-    independent of DataLoader workers. Not thread-safe: use one instance per thread / worker.
+    then intensity scaling by 1 +/- ``intensity`` and a shift of +/- ``intensity``; then a contrast
+    curve (MONAI RandAdjustContrast: the volume's range mapped to [0, 1], raised to a power drawn
+    uniformly from [1 / (1 + ``gamma``), 1 + ``gamma``], mapped back, the mean and standard
+    deviation kept). A zero range drops that transform. ``__call__(array, seed)`` re-seeds the
+    Compose, so the output is a pure function of (array, seed); derive ``seed`` from (base seed,
+    epoch, sample index) to make it independent of DataLoader workers. Not thread-safe: use one instance per thread / worker.
     """
 
     def __init__(self, *, flip_prob: float = 0.5, rotate_deg: float = 5.0, scale: float = 0.05,
-                 translate_vox: float = 4.0, intensity: float = 0.1,
+                 translate_vox: float = 4.0, intensity: float = 0.1, gamma: float = 0.0,
                  flip_axes: tuple[int, ...] = (0, 1, 2)):
         from monai import transforms as mt
 
         values = {"flip_prob": flip_prob, "rotate_deg": rotate_deg, "scale": scale,
-                  "translate_vox": translate_vox, "intensity": intensity}
+                  "translate_vox": translate_vox, "intensity": intensity, "gamma": gamma}
         for name, v in values.items():
             if not (isinstance(v, int | float) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"VolumeAugment {name} must be a finite number >= 0, got {v!r}")
@@ -449,6 +451,9 @@ class VolumeAugment:
         if intensity:
             steps += [mt.RandScaleIntensity(factors=intensity, prob=1.0),
                       mt.RandShiftIntensity(offsets=intensity, prob=1.0)]
+        if gamma:
+            steps.append(mt.RandAdjustContrast(prob=1.0, gamma=(1 / (1 + gamma), 1 + gamma),
+                                               retain_stats=True))
         self.options = {**values, "flip_axes": tuple(flip_axes)}
         self._compose = mt.Compose(steps)
 

@@ -53,6 +53,7 @@ class _Job:
     variant: str = "basic"  # "realistic": the fields below come from realistic.subject_latents
     scale: float = 0.0  # realistic: the subject's planted brain scale
     brain_age: float = 0.0  # realistic: the subject's planted brain age (years)
+    csf_factor: float = 1.0  # realistic: the T1 scan's CSF level over the template's
 
 
 _TEMPLATE: _Template | None = None

@@ -374,7 +374,8 @@ def _unchanged(manifest: dict | None, params: dict, subjects) -> bool:
 def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = "basic",
                       seed: int = 0, image_size=None, voxel_mm: float | None = None,
                       sex_scale: float | None = None, workers: int = 2, progress: bool = True,
-                      modalities=("T1",), rsfmri=None, dmri=None) -> DemoCohort:
+                      modalities=("T1",), rsfmri=None, dmri=None,
+                      csf_contrast: float = 0.0) -> DemoCohort:
     """Build (or reuse) the demo cohort under ``out_dir``; see the module docstring for effects.
 
     Writes ``images/sub-XXXX_T1w.nii.gz``, ``phenotype.csv`` and, last, ``cohort.json``.
@@ -388,6 +389,8 @@ def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = 
     effects, native-space nuisance; also ``truth.json`` and ``planted.csv``). Defaults per
     variant: basic 200 subjects, 96^3 at 2.1 mm, ``sex_scale`` 0.05, rsfMRI/dMRI 48^3 at 4.2 mm;
     realistic 400 subjects, 112 x 128 x 112 at 2 mm, rsfMRI/dMRI 56 x 64 x 56 at 4 mm.
+    ``csf_contrast`` (realistic only, in [0, 0.5); 0: off): every T1 scan's CSF level is the
+    template's times U[1 - c, 1 + c] (:mod:`umbrella.demo.realistic`, "scanner contrast").
     """
     import umbrella
     from umbrella.demo import realistic
@@ -399,6 +402,12 @@ def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = 
     if real_variant and sex_scale is not None:
         problems.append("sex_scale applies to the basic cohort only (the realistic cohort's "
                         "planted model is fixed: see umbrella.demo.realistic)")
+    if csf_contrast and not real_variant:
+        problems.append("csf_contrast applies to the realistic cohort only")
+    elif not (isinstance(csf_contrast, int | float)
+              and 0 <= csf_contrast < realistic.MAX_CSF_CONTRAST):
+        problems.append(f"csf_contrast must be a number in [0, {realistic.MAX_CSF_CONTRAST}) "
+                        f"(the spread of the T1 scans' CSF level), got {csf_contrast!r}")
     session = {"image_size": realistic.SESSION_IMAGE_SIZE,
                "voxel_mm": realistic.SESSION_VOXEL_MM} if real_variant else {}
     fmri, dmri = rsfmri or FmriSettings(**session), dmri or DmriSettings(**session)
@@ -417,7 +426,8 @@ def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = 
               "generator_version": GENERATOR_VERSION, "umbrella_version": umbrella.__version__}
     if real_variant:  # no sex_scale: its planted model is written out instead
         del params["sex_scale"]
-        params |= {"variant": "realistic", "planted": realistic.planted_parameters()}
+        params |= {"variant": "realistic",
+                   "planted": realistic.planted_parameters(float(csf_contrast))}
         _check_field_of_view(mods, size, float(voxel_mm), {"rsfMRI": fmri, "dMRI": dmri})
     if mods != ("T1",) or real_variant:  # a basic T1-only manifest keeps its original form
         params["modalities"] = list(mods)
@@ -460,12 +470,20 @@ def _latents(subjects, seed: int) -> list:
     return [subject_latents(seed, i, s.sex, s.age) for i, s in enumerate(subjects)]
 
 
+def _csf_contrast(params: dict) -> float:
+    """The realistic T1 scans' CSF-contrast spread recorded in a cohort's parameters (0: off)."""
+    nuisance = params.get("planted", {}).get("nuisance", {})
+    return float(nuisance.get("T1_csf_contrast", {}).get("spread", 0.0))
+
+
 def _jobs(root: Path, subjects, params: dict, todo: list[str], settings: dict) -> list:
     from umbrella.demo.modalities import SessionJob
+    from umbrella.demo.realistic import csf_contrast
 
     seed, scale = params["seed"], params.get("sex_scale", 0.0)
     variant = params.get("variant", "basic")
     hidden = _latents(subjects, seed) if variant == "realistic" else [None] * len(subjects)
+    spread = _csf_contrast(params)
     jobs: list = []
     for m in ("rsfMRI", "T1", "dMRI"):  # the heaviest first: better balanced workers
         if m not in todo:
@@ -473,8 +491,10 @@ def _jobs(root: Path, subjects, params: dict, todo: list[str], settings: dict) -
         if m == "T1":
             jobs += [_Job(i, seed, s.sex, s.age, tuple(params["image_size"]), params["voxel_mm"],
                           scale, str(root / s.t1_path),
-                          **({} if lat is None else {"variant": variant, "scale": lat.scale,
-                                                     "brain_age": lat.brain_age}))
+                          **({} if lat is None else {
+                              "variant": variant, "scale": lat.scale,
+                              "brain_age": lat.brain_age,
+                              "csf_factor": csf_contrast(seed, i, spread)}))
                      for i, (s, lat) in enumerate(zip(subjects, hidden, strict=True))]
             continue
         cfg = settings[m]
@@ -515,7 +535,8 @@ def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo:
         atomic_write_text(root / model.PLANTED,
                           model.planted_text(subjects, _latents(subjects, params["seed"])))
         atomic_write_text(root / model.TRUTH,
-                          json.dumps(model.truth(params["modalities"]), indent=2) + "\n")
+                          json.dumps(model.truth(params["modalities"], _csf_contrast(params)),
+                                     indent=2) + "\n")
     effects = {"realistic": params["planted"]} if realistic else planted_effects()
     manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": effects,
                 "subjects": [asdict(s) for s in subjects]}

@@ -48,7 +48,19 @@ anatomy": the classical reference's age MAE hardly moves).
 
 Nuisance, as in native-space scans: rotation uniform +-8 deg per axis, translation uniform
 +-8 mm, gain uniform x[0.85, 1.15], a smooth 2nd-order polynomial bias field with peak deviation
-uniform in [0, 20 %], Gaussian noise of sd 3 % of the white-matter level (magnitude image). T1
+uniform in [0, 20 %], Gaussian noise of sd 3 % of the white-matter level (magnitude image).
+Optionally (``build_demo_cohort(..., csf_contrast=c)``, ``umbrella demo --csf-contrast c``; off
+by default) T1 scans also differ in their contrast, as scans from different scanners and
+sequences do (CSF has by far the longest T1, so its level in a T1-weighted image moves most
+with the sequence): the CSF level is the template's times ``U[1 - c, 1 + c]``, drawn from
+``SeedSequence([seed, index, CONTRAST_STREAM = 5])``, applied to the aged template by a
+piecewise-linear contrast curve (0 -> 0, CSF -> the scan's CSF level, GM -> GM, unchanged
+above; :func:`with_csf_contrast`). A voxel between CSF and GM keeps its mixing fraction, so the
+planted cortical effects stay readable once the scan's CSF level is read (from the ventricles'
+CSF); the images depend on age only through the brain age, so the achievable figures remain
+the limits. But the brain's intensity histogram now moves with the contrast as well as with age,
+and a linear read of it loses the brain age (benchmarks/README.md section 11, "Scanner
+contrast"). T1
 images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
 largest rotation and translation and the individual anatomy's largest move stays inside, checked
 by :func:`fov_slack_mm` when a cohort is built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm
@@ -108,6 +120,8 @@ ANATOMY_GRID_MM = 6.0  # spacing of the coarse grid the field lives on (then tri
 ANATOMY_MARGIN_MM = 16.0  # the coarse grid covers the template's array plus this on every side
 ANATOMY_STEPS = 5  # scaling and squaring: the flow as 2**5 composed small steps
 ANATOMY_MAX_MM = 8.0  # no surface point moves farther (the velocity is scaled down if one would)
+CONTRAST_STREAM = 5  # SeedSequence([seed, index, 5]): the T1 scan's CSF contrast
+MAX_CSF_CONTRAST = 0.5  # csf_contrast must lie in [0, this): the CSF level stays below GM's
 
 
 def _phi(x: float) -> float:
@@ -203,9 +217,10 @@ def bayes_age(brain_age: np.ndarray, age_range=AGE_RANGE, sd: float = BRAIN_AGE_
     return ages[np.argmax(np.cumsum(post, axis=1) >= 0.5, axis=1)]
 
 
-def planted_parameters() -> dict:
-    """Every parameter of the planted model (truth.json "planted", manifest "planted")."""
-    return {
+def planted_parameters(csf_contrast: float = 0.0) -> dict:
+    """Every parameter of the planted model (truth.json "planted", manifest "planted");
+    ``csf_contrast`` > 0 adds the T1 scans' CSF contrast to the nuisance."""
+    planted = {
         "sex": {"T1_dMRI_brain_scale": {
                     "male": f"1 + {SEX_SCALE_SHIFT} + {SEX_SCALE_SD} * z",
                     "female": f"1 - {SEX_SCALE_SHIFT} + {SEX_SCALE_SD} * z",
@@ -263,10 +278,21 @@ def planted_parameters() -> dict:
                   "T1_nuisance": "SeedSequence([seed, index])",
                   "ages": "SeedSequence(seed, spawn_key=(0xC1,))"},
     }
+    if csf_contrast:
+        csf_contrast = float(csf_contrast)
+        planted["nuisance"]["T1_csf_contrast"] = {
+            "law": f"CSF level = template CSF level * U[{1 - csf_contrast:g}, "
+                   f"{1 + csf_contrast:g}] per T1 scan, by a piecewise-linear contrast curve "
+                   "(0 -> 0, CSF -> the scan's CSF level, GM -> GM, unchanged above)",
+            "spread": csf_contrast, "modalities": ["T1"]}
+        planted["seeds"]["T1_csf_contrast"] = f"SeedSequence([seed, index, {CONTRAST_STREAM}])"
+    return planted
 
 
-def truth(modalities) -> dict:
-    """truth.json: the achievable score per task and modality, and the planted model."""
+def truth(modalities, csf_contrast: float = 0.0) -> dict:
+    """truth.json: the achievable score per task and modality, and the planted model. The T1
+    scans' CSF contrast (``csf_contrast``) leaves the achievable figures unchanged: it acts after
+    the planted variables and is read from the scan's own CSF (module docstring)."""
     scale = {"metric": "accuracy", "achievable": round(achievable_sex_accuracy_scale(), 6),
              "note": "Bayes-optimal from the planted brain scale"}
     age = {"metric": "mae", "achievable": round(achievable_age_mae(), 4),
@@ -285,7 +311,7 @@ def truth(modalities) -> dict:
         sex["dMRI"] = dict(scale)
         ages["dMRI"] = age | {"note": age["note"] + " (ventricles only in this modality)"}
     return {"variant": "realistic", "tasks": {"sex": sex, "age": ages},
-            "planted": planted_parameters()}
+            "planted": planted_parameters(csf_contrast)}
 
 
 def planted_text(subjects, latents) -> str:
@@ -345,6 +371,40 @@ def aged_t1(brain_age: float) -> np.ndarray:
     return (tpl.t1 - loss * (tpl.t1 - tpl.csf_level)).astype(np.float32)
 
 
+def csf_contrast(seed: int, index: int, spread: float) -> float:
+    """The factor on the CSF level of subject ``index``'s T1 scan: U[1 - spread, 1 + spread]
+    from ``SeedSequence([seed, index, CONTRAST_STREAM])`` (1.0 when ``spread`` is 0)."""
+    if not 0 <= spread < MAX_CSF_CONTRAST:
+        raise ValueError(f"csf_contrast must lie in [0, {MAX_CSF_CONTRAST}), got {spread!r}")
+    if spread == 0:
+        return 1.0
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, CONTRAST_STREAM]))
+    return float(rng.uniform(1 - spread, 1 + spread))
+
+
+def with_csf_contrast(t1: np.ndarray, factor: float) -> np.ndarray:
+    """The T1 contrast curve of a scan whose CSF level is ``factor`` times the template's.
+
+    Piecewise linear on the WM = 1 scale: 0 -> 0, the template CSF level -> ``factor`` times it,
+    the template GM level -> itself, and unchanged above it. Voxels between CSF and GM (partial
+    volume, the aged cortex's GM-to-CSF mixture) keep their mixing fraction, so the planted
+    cortical effects stay readable once the CSF level is known (from the ventricles)."""
+    tpl = _anatomy._template()
+    csf, gm = tpl.csf_level, gm_level()
+    return np.interp(t1, [0.0, csf, gm, 1e3], [0.0, csf * factor, gm, 1e3]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _gm_level(template_id: int) -> float:
+    tpl = _anatomy._template()
+    return float(np.median(tpl.t1[tpl.gm > 0.9]))
+
+
+def gm_level() -> float:
+    """The template's grey-matter level on the WM = 1 scale (median where P(GM) > 0.9)."""
+    return _gm_level(id(_anatomy._template()))
+
+
 def synthesize_t1(job) -> np.ndarray:
     """Float32 T1 (RAS+ grid) of one realistic subject; job is a cohort ``_Job`` carrying the
     subject's ``scale`` and ``brain_age``. Nuisance from ``SeedSequence([seed, index])``, the
@@ -358,7 +418,10 @@ def synthesize_t1(job) -> np.ndarray:
     bias_coef, bias_amp = rng.normal(size=9), rng.uniform(0.0, BIAS_MAX)
     coords = _anatomy._source_coords(job, draw, tpl, pull=ventricle_pull(job.brain_age),
                                      displace=individual_anatomy(job.seed, job.index).displace_grid)
-    vol = map_coordinates(aged_t1(job.brain_age), coords, order=1, mode="constant", cval=0.0,
+    t1 = aged_t1(job.brain_age)
+    if job.csf_factor != 1.0:
+        t1 = with_csf_contrast(t1, job.csf_factor)
+    vol = map_coordinates(t1, coords, order=1, mode="constant", cval=0.0,
                           prefilter=False)
     vol *= _anatomy.WM_LEVEL * gain
     vol *= _anatomy._bias_field(job.image_size, bias_coef, bias_amp)

@@ -289,13 +289,15 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
                  n_subjects: int | None = None, image_size=None, patch: int | None = None,
                  overrides: Sequence[str] = (), progress: bool = True, log=print,
                  modalities=("T1",), aux_size=None, aux_patch: int | None = None,
-                 n_frames: int = 24, sequence_length: int = 8, workers: int = 2) -> DemoPlan:
+                 n_frames: int = 24, sequence_length: int = 8, workers: int = 2,
+                 csf_contrast: float = 0.0) -> DemoPlan:
     """Cohort -> records -> config (written to ``<out>/demo.yaml``), without training.
 
     ``cohort="basic"``: 200 subjects, T1 96^3 / patch 16, rsfMRI/dMRI 48^3 / patch 8, sex
     records. ``cohort="realistic"``: 400 subjects, T1 [112,128,112] (2 mm) / patch 16,
     rsfMRI/dMRI [56,64,56] (4 mm) / patch 8, records for sex from every modality and age from T1,
-    200 training steps per records file.
+    200 training steps per records file. ``csf_contrast`` (realistic only): the spread of the
+    T1 scans' CSF level (:func:`umbrella.demo.cohort.build_demo_cohort`; 0: off).
     """
     from umbrella.demo.modalities import DmriSettings, FmriSettings
 
@@ -304,6 +306,8 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
     mods, problems = normalize_modalities(names)
     if cohort not in ("basic", "realistic"):
         problems.append(f"cohort must be basic or realistic, got {cohort!r}")
+    elif csf_contrast and cohort != "realistic":
+        problems.append("csf_contrast (--csf-contrast) applies to the realistic cohort only")
     if problems:
         raise ConfigError(problems, source="run_demo")
     used = tuple(m for m in mods if m in names)
@@ -332,7 +336,7 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
             f"{', '.join(mods)}) in {out / 'cohort'}")
         built = build_demo_cohort(out / "cohort", n_subjects, variant="realistic", seed=seed,
                                   image_size=grid, voxel_mm=voxel, progress=progress,
-                                  modalities=mods, workers=workers,
+                                  modalities=mods, workers=workers, csf_contrast=csf_contrast,
                                   # 4D NIfTI only: the config reads the runs at voxel_size,
                                   # which a frame folder (no affine) cannot be resampled to
                                   rsfmri=FmriSettings(aux, aux_voxel, n_frames, frame_folders=0),
@@ -369,7 +373,7 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
              n_subjects: int | None = None, image_size=None, patch: int | None = None,
              overrides: list[str] = (), progress: bool = True, log=print, modalities=("T1",),
              aux_size=None, aux_patch: int | None = None, n_frames: int = 24,
-             sequence_length: int = 8) -> DemoResult:
+             sequence_length: int = 8, csf_contrast: float = 0.0) -> DemoResult:
     """Cohort -> records -> config -> train -> evaluate -> ask. ``modalities`` picks the scans
     trained on (one model for all); rsfMRI/dMRI use ``aux_size``^3 grids over the T1's field of
     view with ``aux_patch`` patches, rsfMRI runs of ``n_frames`` frames (TR 2 s). ``cohort`` and
@@ -383,7 +387,8 @@ def run_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", seed: 
     plan = prepare_demo(out, cohort=cohort, seed=seed, n_subjects=n_subjects,
                         image_size=image_size, patch=patch, overrides=overrides,
                         progress=progress, log=log, modalities=modalities, aux_size=aux_size,
-                        aux_patch=aux_patch, n_frames=n_frames, sequence_length=sequence_length)
+                        aux_patch=aux_patch, n_frames=n_frames, sequence_length=sequence_length,
+                        csf_contrast=csf_contrast)
     cfg, used = plan.config, plan.modalities
     tasks = "sex and age" if cohort == "realistic" else "sex"
     log(f"[2/5] training the '{cfg.model.preset}' preset on {tasks} from {', '.join(used)} for "
