@@ -593,3 +593,14 @@ def test_cli_build_only_calls_prepare_demo(monkeypatch, tmp_path, capsys):
     assert f"umbrella train -c {tmp_path / 'demo.yaml'}" in out and "sex_T1.jsonl" in out
     assert main(["demo", "--cohort", "realistic", "--build-only", "--quick"]) == 0
     assert seen["image_size"] == (56, 64, 56) and seen["n_subjects"] == 60 and seen["patch"] == 8
+    assert seen["csf_contrast"] == 0.0  # off unless asked for
+    assert main(["demo", "--cohort", "realistic", "--build-only", "--csf-contrast", "0.1"]) == 0
+    assert seen["csf_contrast"] == 0.1
+
+
+def test_csf_contrast_refused_for_the_basic_demo(tmp_path):
+    from umbrella.demo.run import prepare_demo
+
+    with pytest.raises(ConfigError, match="realistic cohort only"):
+        prepare_demo(tmp_path, cohort="basic", csf_contrast=0.1, progress=False)
+    assert not (tmp_path / "cohort").exists()
