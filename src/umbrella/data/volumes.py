@@ -427,7 +427,8 @@ class VolumeAugment:
     uniformly from [1 / (1 + ``gamma``), 1 + ``gamma``], mapped back, the mean and standard
     deviation kept). A zero range drops that transform. ``__call__(array, seed)`` re-seeds the
     Compose, so the output is a pure function of (array, seed); derive ``seed`` from (base seed,
-    epoch, sample index) to make it independent of DataLoader workers. Not thread-safe: use one instance per thread / worker.
+    epoch, sample index) to make it independent of DataLoader workers. Not thread-safe: use one
+    instance per thread / worker.
     """
 
     def __init__(self, *, flip_prob: float = 0.5, rotate_deg: float = 5.0, scale: float = 0.05,

@@ -60,8 +60,9 @@ planted cortical effects stay readable once the scan's CSF level is read (from t
 CSF); the images depend on age only through the brain age, so the achievable figures remain
 the limits. But the brain's intensity histogram now moves with the contrast as well as with age,
 and a linear read of it loses the brain age (benchmarks/README.md section 11, "Scanner
-contrast"). T1
-images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
+contrast").
+
+T1 images are 112 x 128 x 112 voxels at 2 mm (224 x 256 x 224 mm: the largest brain under the
 largest rotation and translation and the individual anatomy's largest move stays inside, checked
 by :func:`fov_slack_mm` when a cohort is built), rsfMRI runs and dMRI maps 56 x 64 x 56 at 4 mm
 over the same field of view; all are stored in LAS orientation (x flipped: radiological, as FSL
