@@ -347,7 +347,7 @@ def test_older_brains_have_larger_ventricles_and_darker_cortex():
 
 def test_csf_contrast_curve_moves_csf_only_and_keeps_mixtures():
     tpl = _template()
-    csf, gm = tpl.csf_level, R.gm_level()
+    csf, gm = tpl.csf_level, tpl.gm_level
     assert 0 < csf < gm < 1
     mix = csf + 0.3 * (gm - csf)  # 30 % of the way from CSF to GM (an aged cortical voxel)
     levels = np.array([0.0, csf, mix, gm, 0.9, 1.0, 1.2], dtype=np.float32)

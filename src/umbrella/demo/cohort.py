@@ -403,11 +403,9 @@ def build_demo_cohort(out_dir, n_subjects: int | None = None, *, variant: str = 
         problems.append("sex_scale applies to the basic cohort only (the realistic cohort's "
                         "planted model is fixed: see umbrella.demo.realistic)")
     if csf_contrast and not real_variant:
-        problems.append("csf_contrast applies to the realistic cohort only")
-    elif not (isinstance(csf_contrast, int | float)
-              and 0 <= csf_contrast < realistic.MAX_CSF_CONTRAST):
-        problems.append(f"csf_contrast must be a number in [0, {realistic.MAX_CSF_CONTRAST}) "
-                        f"(the spread of the T1 scans' CSF level), got {csf_contrast!r}")
+        problems.append("csf_contrast (--csf-contrast) applies to the realistic cohort only")
+    elif problem := realistic.csf_contrast_problem(csf_contrast):
+        problems.append(problem)
     session = {"image_size": realistic.SESSION_IMAGE_SIZE,
                "voxel_mm": realistic.SESSION_VOXEL_MM} if real_variant else {}
     fmri, dmri = rsfmri or FmriSettings(**session), dmri or DmriSettings(**session)

@@ -372,11 +372,20 @@ def aged_t1(brain_age: float) -> np.ndarray:
     return (tpl.t1 - loss * (tpl.t1 - tpl.csf_level)).astype(np.float32)
 
 
+def csf_contrast_problem(spread) -> str | None:
+    """Why ``spread`` cannot be a cohort's CSF-contrast spread, or None when it can."""
+    if isinstance(spread, int | float) and 0 <= spread < MAX_CSF_CONTRAST:
+        return None
+    return (f"csf_contrast must be a number in [0, {MAX_CSF_CONTRAST}) (the spread of the T1 "
+            f"scans' CSF level), got {spread!r}")
+
+
 def csf_contrast(seed: int, index: int, spread: float) -> float:
     """The factor on the CSF level of subject ``index``'s T1 scan: U[1 - spread, 1 + spread]
     from ``SeedSequence([seed, index, CONTRAST_STREAM])`` (1.0 when ``spread`` is 0)."""
-    if not 0 <= spread < MAX_CSF_CONTRAST:
-        raise ValueError(f"csf_contrast must lie in [0, {MAX_CSF_CONTRAST}), got {spread!r}")
+    problem = csf_contrast_problem(spread)
+    if problem:
+        raise ValueError(problem)
     if spread == 0:
         return 1.0
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, CONTRAST_STREAM]))
@@ -391,19 +400,10 @@ def with_csf_contrast(t1: np.ndarray, factor: float) -> np.ndarray:
     volume, the aged cortex's GM-to-CSF mixture) keep their mixing fraction, so the planted
     cortical effects stay readable once the CSF level is known (from the ventricles)."""
     tpl = _anatomy._template()
-    csf, gm = tpl.csf_level, gm_level()
+    if tpl.gm_level is None:
+        raise RuntimeError("the demo template lacks its GM level; reload it with _load_template")
+    csf, gm = tpl.csf_level, tpl.gm_level
     return np.interp(t1, [0.0, csf, gm, 1e3], [0.0, csf * factor, gm, 1e3]).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=4)
-def _gm_level(template_id: int) -> float:
-    tpl = _anatomy._template()
-    return float(np.median(tpl.t1[tpl.gm > 0.9]))
-
-
-def gm_level() -> float:
-    """The template's grey-matter level on the WM = 1 scale (median where P(GM) > 0.9)."""
-    return _gm_level(id(_anatomy._template()))
 
 
 def synthesize_t1(job) -> np.ndarray:

@@ -306,8 +306,6 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
     mods, problems = normalize_modalities(names)
     if cohort not in ("basic", "realistic"):
         problems.append(f"cohort must be basic or realistic, got {cohort!r}")
-    elif csf_contrast and cohort != "realistic":
-        problems.append("csf_contrast (--csf-contrast) applies to the realistic cohort only")
     if problems:
         raise ConfigError(problems, source="run_demo")
     used = tuple(m for m in mods if m in names)
@@ -321,7 +319,7 @@ def prepare_demo(out: str | Path = "umbrella-demo", *, cohort: str = "basic", se
         built = build_demo_cohort(out / "cohort", n_subjects, seed=seed,
                                   image_size=(image_size,) * 3,
                                   voxel_mm=FIELD_OF_VIEW_MM / image_size, progress=progress,
-                                  modalities=mods, workers=workers,
+                                  modalities=mods, workers=workers, csf_contrast=csf_contrast,
                                   rsfmri=FmriSettings((aux_size,) * 3, aux_voxel, n_frames),
                                   dmri=DmriSettings((aux_size,) * 3, aux_voxel))
         records = out / "records" / f"sex_{'_'.join(used)}.jsonl"
