@@ -116,6 +116,9 @@ class ModelConfig:
     token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
     patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
+    # the conv stem's stages: strided (Conv3d k3 stride 2 + GroupNorm + GELU) | pooled (Conv3d k3
+    # stride 1 + BatchNorm + ReLU + 2x max-pool, as brain-age CNNs build them)
+    stem_style: str = "strided"
     # rsfMRI's embedding: auto (= patch_embed) | linear | conv | connectivity (each patch a region,
     # its token a linear map of its row of the window's correlation matrix; the time patch must
     # span the window)
@@ -213,6 +216,7 @@ _CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
     "patch_embed": ("linear", "conv"),
+    "stem_style": ("strided", "pooled"),
     "rsfmri_embed": ("auto", "linear", "conv", "connectivity"),
     "regression": ("expected", "median", "generate"),
     "select_best": ("auto", "none", "val_loss", "metric"),

@@ -18,6 +18,7 @@ from umbrella.errors import ModelError
 KNOWN_MODALITIES = ("T1", "rsfMRI", "dMRI")
 PATCH_EMBEDS = ("linear", "conv", "connectivity")
 DEFAULT_STEM_CHANNELS = (16, 32, 64, 128)
+STEM_STYLES = ("strided", "pooled")
 
 
 def check_modality(name: str, spec: dict) -> dict:
@@ -52,6 +53,10 @@ def check_modality(name: str, spec: dict) -> dict:
                              f"image_size {image_size}, patch_size {patch_size}")
     if out["embed"] == "conv":
         out["stem_channels"] = [int(c) for c in spec.get("stem_channels", DEFAULT_STEM_CHANNELS)]
+        out["stem_style"] = spec.get("stem_style", "strided")
+        if out["stem_style"] not in STEM_STYLES:
+            raise ValueError(f"{name}: stem_style={out['stem_style']!r} is not a stem; choose one of "
+                             f"{', '.join(STEM_STYLES)} (config key model.stem_style)")
         stem_plan(name, out)  # raises when the patch cannot be built from stride-2 stages
     return out
 

@@ -18,16 +18,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_rank_step(out: Path, flag: str) -> tuple[list[dict], dict]:
-    """(what each rank wrote, what the single process wrote) for the worker run with ``flag``."""
+def two_rank_step(out: Path, *flags: str) -> tuple[list[dict], dict]:
+    """(what each rank wrote, what the single process wrote) for the worker run with ``flags``."""
     path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
-           str(out), flag]
+           str(out), *flags]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    subprocess.run([sys.executable, str(WORKER), str(out), "--reference", flag], env=env,
+    subprocess.run([sys.executable, str(WORKER), str(out), "--reference", *flags], env=env,
                    check=True, timeout=300)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return ranks, torch.load(out / "reference.pt", weights_only=True)

@@ -23,19 +23,21 @@ from umbrella.training.trainer import modality_parameters
 GEOM = {"T1": {"image_size": [32, 32, 32], "patch_size": [8, 8, 8]},
         "rsfMRI": {"image_size": [16, 16, 16, 6], "patch_size": [8, 8, 8, 3]}}
 CONV = ModelConfig(patch_embed="conv", stem_channels=[8, 16, 32])
+POOLED = ModelConfig(patch_embed="conv", stem_channels=[8, 16, 32], stem_style="pooled")
 
 
-def _tower(embed: str, modalities: dict, hidden: int = 32) -> BrainViTModel:
-    mods = {m: {**s, "embed": embed, **({"stem_channels": [8, 16, 32, 32]} if embed == "conv" else {})}
-            for m, s in modalities.items()}
+def _tower(embed: str, modalities: dict, hidden: int = 32, style: str = "strided") -> BrainViTModel:
+    stem = {"stem_channels": [8, 16, 32, 32], "stem_style": style} if embed == "conv" else {}
+    mods = {m: {**s, "embed": embed, **stem} for m, s in modalities.items()}
     torch.manual_seed(0)
     return BrainViTModel(BrainViTConfig(hidden_size=hidden, intermediate_size=2 * hidden,
                                         num_attention_heads=4, modalities=mods)).eval()
 
 
+@pytest.mark.parametrize("style", ["strided", "pooled"])
 @pytest.mark.parametrize("modality,shape", [("T1", (2, 1, 32, 32, 32)), ("rsfMRI", (2, 1, 16, 16, 16, 6))])
-def test_conv_stem_gives_the_linear_token_grid(modality, shape):
-    linear, conv = _tower("linear", GEOM), _tower("conv", GEOM)
+def test_conv_stem_gives_the_linear_token_grid(modality, shape, style):
+    linear, conv = _tower("linear", GEOM), _tower("conv", GEOM, style=style)
     x = torch.randn(shape)
     with torch.no_grad():
         a = linear.embeddings[modality](x)
@@ -76,6 +78,37 @@ def test_stem_uses_no_batch_statistics():
     assert not norms and isinstance(conv.embeddings["T1"].stem[0].norm, torch.nn.GroupNorm)
 
 
+def test_pooled_stem_normalises_by_batch_then_by_its_running_statistics():
+    """stem_style=pooled: Conv3d stride 1 + BatchNorm + ReLU + max-pool per stage. In training a
+    sample's tokens depend on the batch; at evaluation they do not, and a global intensity
+    offset of one scan (which GroupNorm removes) still reaches its tokens."""
+    pooled, strided = _tower("conv", GEOM, style="pooled"), _tower("conv", GEOM)
+    stem = pooled.embeddings["T1"].stem
+    assert all(isinstance(st.norm, torch.nn.BatchNorm3d) and st.conv.stride == (1, 1, 1)
+               and isinstance(st.act, torch.nn.ReLU) and st.pool.kernel_size == (2, 2, 2)
+               for st in stem)
+    x = torch.randn(4, 1, 32, 32, 32)
+    emb = pooled.embeddings["T1"].train()
+    with torch.no_grad():
+        for _ in range(20):  # running statistics of this population
+            emb(torch.randn(4, 1, 32, 32, 32))
+        together, first = emb(x), emb(x[:1])
+    assert not torch.allclose(together[:1], first, atol=1e-4)  # batch statistics
+    assert stem[0].norm.num_batches_tracked.item() == 22
+    emb.eval()
+    with torch.no_grad():
+        together, first = emb(x), emb(x[:1])
+        assert torch.allclose(together[:1], first, atol=1e-5)  # running statistics
+        bright = x[:1] * 1.1 + 0.5  # the same scan, another contrast
+        first_stage = {"pooled": stem[0], "strided": strided.embeddings["T1"].stem[0]}
+        moved = {k: (st(bright) - st(x[:1]))[..., 1:, 1:, 1:].abs().mean()  # away from the padding
+                 for k, st in first_stage.items()}
+        assert (emb(bright) - first).abs().max() > 0.1
+    # GroupNorm's per-image standardisation cancels a global a*x + b in its first stage (up to
+    # the zero padding's edge); the population's statistics keep it
+    assert moved["pooled"] > 10 * moved["strided"], moved
+
+
 @pytest.mark.parametrize("patch,strides,rest", [
     ([16, 16, 16], [(2, 2, 2)] * 4, (1, 1, 1)),
     ([16, 16, 12], [(2, 2, 2), (2, 2, 2), (2, 2, 1), (2, 2, 1)], (1, 1, 3)),
@@ -111,6 +144,13 @@ def test_config_key_and_its_choices(tmp_path):
     assert load_config().model.patch_embed == "linear"
     with pytest.raises(ConfigError, match="patch_embed.*choose one of linear, conv"):
         load_config(None, ["model.patch_embed=resnet"])
+    assert load_config().model.stem_style == "strided"
+    with pytest.raises(ConfigError, match="stem_style.*choose one of strided, pooled"):
+        load_config(None, ["model.stem_style=resnet"])
+    with pytest.raises(ValueError, match="T1: stem_style='max' is not a stem.*model.stem_style"):
+        BrainViTConfig(modalities={"T1": {"image_size": [16] * 3, "patch_size": [8] * 3,
+                                          "embed": "conv", "stem_style": "max"}})
+    assert with_patch_embed(POOLED, GEOM)["rsfMRI"]["stem_style"] == "pooled"
     specs = with_patch_embed(CONV, GEOM)
     assert specs["T1"]["embed"] == "conv" and specs["T1"]["stem_channels"] == [8, 16, 32]
     assert with_patch_embed(ModelConfig(), GEOM)["T1"]["embed"] == "linear"
@@ -157,9 +197,10 @@ def test_stem_parameters_belong_to_the_modality():
     assert not [n for n in stem_names if (".norm." in n) and n in decayed]
 
 
-def test_save_and_from_pretrained_reproduce_logits_exactly(tmp_path):
+@pytest.mark.parametrize("cfg", [CONV, POOLED], ids=["strided", "pooled"])
+def test_save_and_from_pretrained_reproduce_logits_exactly(tmp_path, cfg):
     tok = train_tokenizer(["What is the sex of this subject? male female"] * 4, 300)
-    model = build_brain_llava(CONV, GEOM, tok, seed=0)
+    model = build_brain_llava(cfg, GEOM, tok, seed=0)
     enc = PromptEncoder(tok)
     e = enc.encode([Turn("user", "<image>\n<image>\nWhat is the sex?"), Turn("assistant", "male")],
                    [64, 16])
@@ -175,6 +216,11 @@ def test_save_and_from_pretrained_reproduce_logits_exactly(tmp_path):
     tok.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["vision_config"]["modalities"]
     assert saved["T1"]["embed"] == "conv" and saved["T1"]["stem_channels"] == [8, 16, 32]
+    assert saved["T1"]["stem_style"] == cfg.stem_style
+    if cfg.stem_style == "pooled":  # the training step's running statistics travel with it
+        norm = model.model.vision_tower.embeddings["T1"].stem[0].norm
+        assert norm.num_batches_tracked.item() == 1 and not torch.equal(
+            norm.running_var, torch.ones_like(norm.running_var))
     again, _ = load_brain_llava(tmp_path)  # no trust_remote_code
     assert isinstance(again.model.vision_tower.embeddings["rsfMRI"], BrainPatchEmbedding)
     assert again.model.vision_tower.embeddings["rsfMRI"].stem is not None
@@ -194,6 +240,15 @@ def test_two_rank_ddp_step_with_conv_stems_on_different_modalities(tmp_path):
     assert_step_agrees(ranks, ref)
     for r in (*ranks, ref):
         assert any(".dMRI.stem." in n for n in r["dmri_before"])
+
+
+def test_two_rank_ddp_step_with_pooled_stems(tmp_path):
+    """The BatchNorm stages under DDP: each rank normalises its own batch (as the single process
+    does each half), the idle modality's stem stays untouched."""
+    ranks, ref = two_rank_step(tmp_path, "--conv", "--pooled")
+    assert len(ref["grads"]["T1"]) == 3 + 3 * 3  # position table, proj weight + bias, 3 stages
+    assert_step_agrees(ranks, ref)
+    assert any(".dMRI.stem.0.norm." in n for n in ranks[0]["dmri_before"])
 
 
 def test_training_run_with_the_conv_stem_saves_it(tiny_config):

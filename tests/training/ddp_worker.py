@@ -3,8 +3,8 @@ rsfMRI batch, while the dMRI embedding is idle on both. Writes the embedding gra
 all-reduce and the dMRI weights before/after an AdamW step (weight decay on) to OUT/rank<k>.pt.
 
 With `--reference`, runs single-process over the same global batch (both halves) instead.
-With `--conv`, every modality uses the convolutional stem (model.patch_embed=conv); with
-`--connectivity`, rsfMRI uses the connectivity embedding (model.rsfmri_embed=connectivity).
+With `--conv`, every modality uses the convolutional stem (model.patch_embed=conv), with `--pooled`
+its BatchNorm / max-pool stages (model.stem_style=pooled); with `--connectivity`, rsfMRI uses the connectivity embedding (model.rsfmri_embed=connectivity).
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def half_batch(modality: str, encoder: PromptEncoder, gen: torch.Generator) -> d
             "image_order": [(modality, 0), (modality, 1)]}
 
 
-def setup(conv: bool = False, connectivity: bool = False):
+def setup(conv: bool = False, connectivity: bool = False, pooled: bool = False):
     torch.manual_seed(0)
     tok = train_tokenizer(["What is the sex? male female"] * 4, 280)
     embed = {"patch_embed": "conv", "stem_channels": [4, 8, 8]} if conv else {}
+    if pooled:
+        embed["stem_style"] = "pooled"
     if connectivity:
         embed["rsfmri_embed"] = "connectivity"
     model = build_brain_llava(ModelConfig(vision_hidden_size=32, text_hidden_size=32, **embed), GEOM,
@@ -67,8 +69,9 @@ def step(model, params_owner, loss_fn):
     return {"grads": grads, "dmri_before": before, "dmri_after": after}
 
 
-def main(out: str, reference: bool, conv: bool = False, connectivity: bool = False) -> None:
-    model, halves = setup(conv, connectivity)
+def main(out: str, reference: bool, conv: bool = False, connectivity: bool = False,
+         pooled: bool = False) -> None:
+    model, halves = setup(conv, connectivity, pooled)
     if reference:
         result = step(model, model, lambda: sum(unified_loss(model, h)[0] for h in halves) / 2)
         torch.save(result, os.path.join(out, "reference.pt"))
@@ -85,4 +88,4 @@ def main(out: str, reference: bool, conv: bool = False, connectivity: bool = Fal
 
 if __name__ == "__main__":
     main(sys.argv[1], "--reference" in sys.argv, "--conv" in sys.argv,
-         "--connectivity" in sys.argv)
+         "--connectivity" in sys.argv, "--pooled" in sys.argv)

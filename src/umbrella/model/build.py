@@ -89,7 +89,7 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
 
 def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
     """``modalities`` with ``model.patch_embed`` (rsfMRI: ``model.rsfmri_embed`` unless "auto"; and,
-    for "conv", ``model.stem_channels``) written into each spec that does not name its own
+    for "conv", ``model.stem_channels`` and ``model.stem_style``) written into each spec that does not name its own
     ``embed``, and ``center`` where ``model.center_inputs`` is on (not for connectivity). A
     geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the stem cannot be
     built for raises ConfigError naming the config keys and the fix."""
@@ -105,6 +105,7 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
             spec.setdefault("center", True)
         if spec["embed"] == "conv":
             spec.setdefault("stem_channels", list(cfg.stem_channels))
+            spec.setdefault("stem_style", cfg.stem_style)
             geometry = check_modality(name, {**spec, "embed": "linear"})
             try:
                 stem_plan(name, {**geometry, "stem_channels": spec["stem_channels"]})

@@ -19,9 +19,13 @@ transformers see better" (Xiao et al., NeurIPS 2021), and yields the same token 
     (B, C, 96, 96, 96) --[Conv3d k3 s2 p1, GroupNorm, GELU] x4--> (B, 128, 6, 6, 6)
                        --Conv3d 1x1x1 (proj)--> (B, hidden, 6, 6, 6) --> (B, 216, hidden)
 
-Stage widths are ``stem_channels`` (default 16, 32, 64, 128); the normalisation is GroupNorm, which
-uses no batch statistics (small per-rank batches, DDP). Stem convolutions start Kaiming-normal
-(fan_out), the final projection too, as torchvision's conv-stem ViT does; norms start at 1 / 0.
+Stage widths are ``stem_channels`` (default 16, 32, 64, 128). ``stem_style`` "strided" (default)
+is the stem drawn above, normalised by GroupNorm, which uses no batch statistics (small per-rank
+batches, DDP); "pooled" builds each stage as brain-age CNNs do, Conv3d k3 s1 + BatchNorm + ReLU
++ 2x max-pool (:class:`StemStage`): its batch statistics are each rank's own under DDP (no
+synchronisation; gloo has none for BatchNorm), its running statistics are saved with the weights.
+Stem convolutions start Kaiming-normal (fan_out), the final projection too, as torchvision's
+conv-stem ViT does; norms start at 1 / 0.
 """
 
 from __future__ import annotations
@@ -40,18 +44,30 @@ from umbrella.model.configuration_brain_vit import BrainViTConfig
 
 
 class StemStage(nn.Module):
-    """Conv3d k3 p1 (stride 1 or 2 per axis, no bias) -> GroupNorm -> GELU: (B, C, D, H, W) ->
-    (B, C', D/sd, H/sh, W/sw)."""
+    """One stage of the convolutional stem: (B, C, D, H, W) -> (B, C', D/sd, H/sh, W/sw).
 
-    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int, int]):
+    ``style="strided"``: Conv3d k3 p1 with the stage's stride (no bias) -> GroupNorm -> GELU, as
+    the conv-stem ViTs build it. ``style="pooled"``: Conv3d k3 p1 stride 1 (no bias) -> BatchNorm
+    -> ReLU -> max-pool of the stage's stride, as brain-age CNNs build theirs (e.g. SFCN, Peng et
+    al., Medical Image Analysis 2021). GroupNorm standardises every image over space, which also
+    removes what a scan's overall intensities say; BatchNorm standardises by the population's
+    statistics (running ones at evaluation) and keeps it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int, int],
+                 style: str = "strided"):
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1,
-                              bias=False)
-        self.norm = nn.GroupNorm(math.gcd(out_channels, 8), out_channels)
-        self.act = nn.GELU()
+        pooled = style == "pooled"
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False,
+                              stride=1 if pooled else stride)
+        self.norm = (nn.BatchNorm3d(out_channels) if pooled
+                     else nn.GroupNorm(math.gcd(out_channels, 8), out_channels))
+        self.act = nn.ReLU() if pooled else nn.GELU()
+        self.pool = nn.MaxPool3d(stride) if pooled and max(stride) > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        x = self.act(self.norm(self.conv(x)))
+        return x if self.pool is None else self.pool(x)
 
 
 class PopulationCentering(nn.Module):
@@ -138,7 +154,8 @@ class BrainPatchEmbedding(nn.Module):
         if spec.get("embed", "linear") == "conv":
             strides, kernel = stem_plan(name, spec)
             widths = [channels, *spec["stem_channels"][:len(strides)]]
-            self.stem = nn.Sequential(*(StemStage(c_in, c_out, s) for c_in, c_out, s
+            style = spec.get("stem_style", "strided")
+            self.stem = nn.Sequential(*(StemStage(c_in, c_out, s, style) for c_in, c_out, s
                                         in zip(widths[:-1], widths[1:], strides, strict=True)))
             channels = widths[-1]
         self.region = tuple(kernel)
