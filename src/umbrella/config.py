@@ -138,6 +138,9 @@ class TrainingConfig:
     batch_size: int = 16
     eval_batch_size: int = 16
     learning_rate: float = 1e-3
+    # the vision tower's peak learning rate (patch embeddings / stems and encoder layers), as
+    # LLaVA's mm_vision_tower_lr; None: learning_rate. The scheduler scales it like the others
+    vision_learning_rate: float | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     weight_decay: float = 0.01

@@ -319,6 +319,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             # on CPU images are cast to float32 while batching; a GPU gets float16 and casts there
             image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
+        vision_learning_rate=cfg.training.vision_learning_rate,
         temperature=cfg.dataset.temperature, part_metrics=parts,
         val_metrics=ValidationMetric(val_set, encoder, splits["train"])
         if criterion == "metric" else None)

@@ -124,9 +124,11 @@ class UmbrellaTrainer(Trainer):
     """
 
     def __init__(self, *args, mixing: str = "proportional", temperature: float = 2.0,
-                 part_metrics=None, val_metrics=None, **kwargs):
+                 part_metrics=None, val_metrics=None, vision_learning_rate: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.mixing, self.temperature = mixing, temperature
+        self.vision_learning_rate = vision_learning_rate
         self.part_metrics = part_metrics  # a callbacks.PartMetrics, or None
         self.val_metrics = val_metrics  # model -> {name: value}, added to each evaluation, or None
         self._group_loss: dict[str, list[float]] = {}
@@ -138,6 +140,30 @@ class UmbrellaTrainer(Trainer):
             mixing=self.mixing, temperature=self.temperature, seed=self.args.seed,
             rank=self.args.process_index, world_size=self.args.world_size,
             drop_last=self.args.dataloader_drop_last)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with ``vision_learning_rate`` the vision tower's parameters
+        get that peak rate in groups of their own (weight decay as the Trainer decides it)."""
+        optimizer = super().create_optimizer(model)
+        if self.vision_learning_rate is None or getattr(self, "_vision_groups", False):
+            return optimizer
+        if not self.vision_learning_rate > 0:
+            raise ValueError(f"training.vision_learning_rate={self.vision_learning_rate} must be > 0 "
+                             "(or null: the vision tower takes training.learning_rate)")
+        opt_model = self.model if model is None else model
+        tower = {id(p) for n, p in opt_model.named_parameters() if "vision_tower." in n}
+        groups = []
+        for group in optimizer.param_groups:
+            rest = [p for p in group["params"] if id(p) not in tower]
+            own = [p for p in group["params"] if id(p) in tower]
+            groups += [{**group, "params": rest}] if rest else []
+            groups += [{**group, "params": own, "lr": self.vision_learning_rate}] if own else []
+        optimizer.param_groups.clear()
+        for group in groups:
+            group.pop("initial_lr", None)
+            optimizer.add_param_group(group)
+        self._vision_groups = True
+        return optimizer
 
     def get_train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler()
