@@ -168,6 +168,20 @@ def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(
             ranges.intensity) == (0.5, 5, 2, 0, 0)
 
 
+def test_cnn_probe_trains_the_stem_on_age_and_scores_the_test_split(tmp_path, capsys):
+    """The stem-alone diagnostic on a 60-subject realistic cohort, 2 epochs: the kept epoch's
+    test MAE with its CI over the cohort's test split."""
+    from benchmarks import cnn_probe
+
+    out = cnn_probe.main(["--smoke", "--workdir", str(tmp_path)])
+    run = out["per_seed"][0]
+    records = (tmp_path / "realistic_60_4mm" / "records" / "age_T1.jsonl").read_text().splitlines()
+    assert run["n_test"] == sum('"split": "test"' in r for r in records) > 0
+    assert 1 <= run["epoch"] <= 2 and run["ci"][0] <= run["test"] <= run["ci"][1]
+    assert out["mean"] == run["test"] and out["style"] == "pooled"
+    assert "cnn_probe seed 0: test age MAE" in capsys.readouterr().out
+
+
 def test_run_all_collects_every_target(payloads):
     targets, rows = run_all.summarize(payloads)
     assert {"data_path.rsfmri_cache_vs_decode_at_least_20x", "loader_memory.rss_growth_below_50mb",
