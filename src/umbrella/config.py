@@ -168,6 +168,9 @@ class TrainingConfig:
     # regression answers: soft targets for their digits, N(answer, s * sd of the task's training
     # answers) marginalised per digit (umbrella.data.numeric_labels); 0: one-hot digits
     numeric_label_smoothing: float = 0.0
+    # regression answers: add w * ((expected number - answer) / sd)^2, the number the model's
+    # digit distributions expect (teacher-forced); 0: off (umbrella.data.numeric_labels)
+    numeric_ev_loss: float = 0.0
 
 
 @dataclass

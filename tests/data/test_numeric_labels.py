@@ -132,3 +132,57 @@ def test_smoothing_without_regression_records_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="numeric_label_smoothing"):
         train(tiny_config("training.numeric_label_smoothing=0.1", "training.max_steps=1"),
               progress=False)
+
+
+def test_expected_value_loss_of_a_known_digit_distribution():
+    """Tens digit certainly 5, units uniform over 0-9: the expected number is 54.5; the term is
+    the squared miss of 57 in the scaled units, and it falls as the units move towards 7."""
+    from umbrella.training.trainer import expected_value_loss
+
+    logits = torch.zeros(1, 4, 20)
+    token_ids = torch.arange(4, 14)
+    logits[0, 1, 4 + 5] = 50.0  # label position 2 (tens) is predicted at 1: "5" certain
+    index = torch.tensor([[0, 2], [0, 3]])  # units at label position 3: all digits equal
+    scale = 0.5
+    place, value = torch.tensor([10.0, 1.0]) * scale, torch.full((2,), 57.0 * scale)
+    got = expected_value_loss(logits, index, token_ids, place, value)
+    assert got.item() == pytest.approx((scale * (54.5 - 57)) ** 2, rel=1e-5)
+    logits[0, 2, 4 + 7] = 3.0  # more mass on "7": closer
+    assert expected_value_loss(logits, index, token_ids, place, value) < got
+    # two answers in a batch: the mean of their terms; a non-digit token's logit is ignored
+    logits2 = torch.zeros(2, 4, 20)
+    logits2[:, 1, 4 + 5] = 50.0
+    logits2[1, 2, 0] = 100.0
+    index2 = torch.tensor([[0, 2], [0, 3], [1, 2], [1, 3]])
+    both = expected_value_loss(logits2, index2, token_ids, place.repeat(2),
+                               torch.tensor([57.0, 57.0, 50.0, 50.0]) * scale)
+    expected = ((scale * 2.5) ** 2 + (scale * 4.5) ** 2) / 2
+    assert both.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_expected_value_terms_scale_by_weight_and_spread(tokenizer):
+    train = [_record(f"{a} years") for a in (41, 57, 63, 83)]
+    numeric = NumericLabels(tokenizer, train, smoothing=0.0, ev_weight=4.0)
+    sd = np.std([41, 57, 63, 83])
+    places, answer = numeric.expected_value_terms(_record("57 years"))
+    np.testing.assert_allclose(places, np.array([10.0, 1.0]) * 2 / sd, rtol=1e-6)
+    assert answer == pytest.approx(57 * 2 / sd)
+    places, answer = numeric.expected_value_terms(_record("83.5 years"))
+    np.testing.assert_allclose(places, np.array([10.0, 1.0, 0.1]) * 2 / sd, rtol=1e-6)
+    # without smoothing the digits keep one-hot targets
+    rec = _record("57 years", split="val")
+    positions, weights = numeric.targets(rec, PromptEncoder(tokenizer).encode(rec.turns, []).labels)
+    np.testing.assert_array_equal(weights, np.eye(10)[[5, 7]])
+    assert NumericLabels(tokenizer, train, 0.1).expected_value_terms(_record("57 years")) is None
+    with pytest.raises(ValueError, match="one of them > 0"):
+        NumericLabels(tokenizer, train, 0.0)
+
+
+def test_training_with_the_expected_value_term_runs_and_refuses_bad_weights(tiny_config):
+    from umbrella.errors import ConfigError
+    from umbrella.training.run import train
+
+    with pytest.raises(ConfigError, match="numeric_ev_loss"):  # the tiny cohort asks sex only
+        train(tiny_config("training.numeric_ev_loss=1.0", "training.max_steps=1"), progress=False)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        train(tiny_config("training.numeric_ev_loss=-1", "training.max_steps=1"), progress=False)

@@ -8,6 +8,8 @@ Output::
     ids: [record id, ...]
     soft_index (N, 2) [row, position], soft_weights (N, 10), soft_token_ids (10,): soft digit
         targets of numeric answers, when the samples carry them (umbrella.data.numeric_labels)
+    soft_place, soft_value (N,): each digit's place value and its answer, scaled (the expected-
+        value term of training.numeric_ev_loss), when every soft sample carries them
 
 Each modality's images are copied once, each into its slot of a buffer allocated for the batch
 (contiguous, in the shape above):
@@ -91,6 +93,9 @@ class BrainCollator:
                 for row, s in soft])
             batch["soft_weights"] = torch.cat([s["soft_weights"] for _, s in soft])
             batch["soft_token_ids"] = soft[0][1]["soft_token_ids"]
+            if all("soft_place" in s for _, s in soft):
+                batch["soft_place"] = torch.cat([s["soft_place"] for _, s in soft])
+                batch["soft_value"] = torch.cat([s["soft_value"] for _, s in soft])
         return batch
 
 

@@ -101,9 +101,12 @@ class InstructionDataset(Dataset):
             encoded = {r.id: self._encode(r, max_length) for r in records}
             soft = ({r.id: numeric.targets(r, encoded[r.id].labels) for r in records}
                     if numeric else {})
+            ev = ({r.id: numeric.expected_value_terms(r) for r in records if soft[r.id]}
+                  if numeric else {})
             self.records, self.starts = self._items(list(records))
             self.encoded = [encoded[r.id] for r in self.records]
             self.soft = [soft.get(r.id) for r in self.records]  # (positions, (n, 10)) or None
+            self.ev = [ev.get(r.id) for r in self.records]  # (places, answer) or None
         self.bad = bad_samples or BadSamplePolicy("error")
         self.groups = [group_key(r.modalities) for r in self.records]
 
@@ -227,4 +230,8 @@ class InstructionDataset(Dataset):
             sample["soft_positions"] = torch.tensor(positions, dtype=torch.long)
             sample["soft_weights"] = torch.from_numpy(weights)
             sample["soft_token_ids"] = torch.tensor(self.numeric.digit_ids, dtype=torch.long)
+            if self.ev[index] is not None:
+                places, answer = self.ev[index]
+                sample["soft_place"] = torch.from_numpy(places)
+                sample["soft_value"] = torch.full((len(places),), answer, dtype=torch.float32)
         return sample

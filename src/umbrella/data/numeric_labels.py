@@ -20,6 +20,15 @@ ordinary cross-entropy with soft targets (:func:`umbrella.training.trainer.unifi
 ``sigma`` is a fraction of each task's spread: ``smoothing * sd`` of the task's training answers
 (e.g. 0.1 x 13 years = 1.3 years for ages 40-85), so one setting serves ages, scores and indices
 alike. Answers whose number the tokenizer does not write one digit per token keep one-hot targets.
+
+``training.numeric_ev_loss`` (weight w > 0) adds the squared error of the number the digit
+distributions expect, as regression-aware fine-tuning does (Lukasik et al., ICLR 2025), here on
+the teacher-forced digit marginals: with p_k the model's distribution over digit k given the true
+digits before it, the expected answer is ``sum_k place_k * E_p_k[d]`` (place 10, 1, 0.1, ...; the
+sign's), and the term is ``w * ((expected - y) / sd)^2`` per answer, sd the task's training
+spread. Unlike the cross-entropy, it costs a far miss more than a near one, so the vision side
+gets a gradient in proportion to how wrong the number is. Without smoothing the digits keep
+one-hot cross-entropy targets.
 """
 
 from __future__ import annotations
@@ -53,10 +62,12 @@ class NumericLabels:
     tasks whose training answers are not numbers (classification) or do not vary get none.
     """
 
-    def __init__(self, tokenizer, train_records: Sequence[Record], smoothing: float):
-        if not smoothing > 0:
-            raise ValueError(f"numeric_label_smoothing must be > 0, got {smoothing!r}")
-        self.smoothing = float(smoothing)
+    def __init__(self, tokenizer, train_records: Sequence[Record], smoothing: float,
+                 ev_weight: float = 0.0):
+        if not (smoothing >= 0 and ev_weight >= 0 and smoothing + ev_weight > 0):
+            raise ValueError(f"numeric_label_smoothing ({smoothing!r}) and numeric_ev_loss "
+                             f"({ev_weight!r}) must be >= 0, one of them > 0")
+        self.smoothing, self.ev_weight = float(smoothing), float(ev_weight)
         self.digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
         unk = getattr(tokenizer, "unk_token_id", None)
         self.usable = len(set(self.digit_ids)) == 10 and unk not in self.digit_ids and \
@@ -67,11 +78,13 @@ class NumericLabels:
             number = answer_number(rec)
             if number is not None and rec.metadata.get("task_spec", {}).get("kind") == "regression":
                 values.setdefault(rec.task, []).append(float(number))
-        self.sigma = {task: self.smoothing * float(np.std(v)) for task, v in values.items()
-                      if len(v) > 1 and np.std(v) > 0}
+        self.sd = {task: float(np.std(v)) for task, v in values.items()
+                   if len(v) > 1 and np.std(v) > 0}
+        self.sigma = {task: self.smoothing * sd for task, sd in self.sd.items()}
 
     def targets(self, rec: Record, labels: Sequence[int]):
-        """(label positions, (n, 10) float32 digit distributions) for ``rec``'s number, or None."""
+        """(label positions, (n, 10) float32 digit distributions) for ``rec``'s number, or None
+        (one-hot distributions without smoothing)."""
         sigma = self.sigma.get(rec.task)
         number = answer_number(rec)
         if not self.usable or sigma is None or number is None:
@@ -79,7 +92,24 @@ class NumericLabels:
         positions = _digit_positions(self.tok, labels, number, self.digit_ids)
         if positions is None:
             return None
+        if sigma == 0:
+            digits = [int(c) for c in number if c.isdigit()]
+            return positions, np.eye(10, dtype=np.float32)[digits]
         return positions, digit_distributions(number, sigma)
+
+    def expected_value_terms(self, rec: Record) -> tuple[np.ndarray, float] | None:
+        """(place value of each digit, the answer), both times sqrt(ev_weight) / sd, so that the
+        loss term is (sum_k place_k E[d_k] - answer)^2; None without ``ev_weight`` or for an
+        answer :meth:`targets` gives no positions for."""
+        number = answer_number(rec)
+        if not self.ev_weight > 0 or number is None or rec.task not in self.sd:
+            return None
+        match = NUMBER.fullmatch(number)
+        whole, frac = match.group(2), match.group(3) or ""
+        sign = -1.0 if match.group(1) else 1.0
+        places = 10.0 ** np.arange(len(whole) - 1, -len(frac) - 1, -1)
+        scale = math.sqrt(self.ev_weight) / self.sd[rec.task]
+        return (sign * scale * places).astype(np.float32), float(number) * scale
 
 
 def _digit_positions(tok, labels: Sequence[int], number: str, digit_ids: list[int]):

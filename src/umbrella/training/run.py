@@ -128,11 +128,16 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
         return BadSamplePolicy(cfg.dataset.on_bad_sample, cfg.dataset.max_bad_fraction,
                                run_dir / "bad_samples.jsonl")
 
-    smoothing = cfg.training.numeric_label_smoothing
-    common["numeric"] = (NumericLabels(encoder.tok, splits["train"], smoothing)
-                         if smoothing > 0 else None)
+    smoothing, ev_weight = cfg.training.numeric_label_smoothing, cfg.training.numeric_ev_loss
+    if smoothing < 0 or ev_weight < 0:
+        raise ConfigError(f"training.numeric_label_smoothing={smoothing} and "
+                          f"training.numeric_ev_loss={ev_weight} must be >= 0")
+    common["numeric"] = (NumericLabels(encoder.tok, splits["train"], smoothing, ev_weight)
+                         if smoothing > 0 or ev_weight > 0 else None)
     if common["numeric"] is not None and not common["numeric"].sigma:
-        raise ConfigError(f"training.numeric_label_smoothing={smoothing} applies to regression "
+        key = "numeric_label_smoothing" if smoothing > 0 else "numeric_ev_loss"
+        value = smoothing if smoothing > 0 else ev_weight
+        raise ConfigError(f"training.{key}={value} applies to regression "
                           "answers, but no training record is one (a numeric answer that varies, "
                           "with metadata.task_spec.kind 'regression', as `umbrella prepare` "
                           "writes); set it to 0 or add such records")

@@ -67,10 +67,28 @@ def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, soft_index: tor
     return per_token.sum() / count
 
 
+def expected_value_loss(logits: torch.Tensor, soft_index: torch.Tensor, token_ids: torch.Tensor,
+                        place: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Mean over the numeric answers of (sum_k place_k E[d_k] - value)^2, E[d_k] the expected
+    digit under the model's distribution at digit k renormalised over the ten digits (teacher
+    forcing: given the true digits before it); ``place`` and ``value`` come scaled by
+    sqrt(weight) / sd (:meth:`umbrella.data.numeric_labels.NumericLabels.expected_value_terms`)."""
+    rows, cols = soft_index[:, 0], soft_index[:, 1] - 1  # label position t is predicted at t - 1
+    probs = torch.softmax(logits[rows, cols][:, token_ids].float(), dim=-1)
+    digits = torch.arange(10, dtype=probs.dtype, device=probs.device)
+    expected = (probs * digits).sum(-1) * place.to(probs)
+    answers, which = rows.unique(return_inverse=True)
+    number = torch.zeros(len(answers), dtype=probs.dtype, device=probs.device)
+    number = number.index_add(0, which, expected)
+    target = torch.zeros_like(number).index_put((which,), value.to(probs))
+    return (number - target).square().mean()
+
+
 def unified_loss(model, inputs: dict, num_items_in_batch=None):
     """Mean NLL over the batch's answer tokens (+ the zero idle-modality term while training).
     Numeric answers with soft digit targets (``soft_index`` in the batch) are scored against
-    them (:func:`soft_target_loss`)."""
+    them (:func:`soft_target_loss`), plus the expected-value term where the batch carries it
+    (:func:`expected_value_loss`)."""
     batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     soft = inputs.get("soft_index")
     if soft is not None and len(soft):
@@ -78,6 +96,10 @@ def unified_loss(model, inputs: dict, num_items_in_batch=None):
         outputs = model(**batch)
         outputs.loss = soft_target_loss(outputs.logits, labels, soft, inputs["soft_weights"],
                                         inputs["soft_token_ids"], num_items_in_batch)
+        if "soft_place" in inputs:  # training.numeric_ev_loss
+            outputs.loss = outputs.loss + expected_value_loss(
+                outputs.logits, soft, inputs["soft_token_ids"], inputs["soft_place"],
+                inputs["soft_value"])
     else:
         if num_items_in_batch is not None:
             batch["num_items_in_batch"] = num_items_in_batch
