@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from umbrella.errors import ConfigError
+from umbrella.geometry import STEM_STYLES
 
 MODALITIES = ("T1", "rsfMRI", "dMRI")
 
@@ -206,6 +207,10 @@ class UmbrellaConfig:
     studies: dict[str, Any] = field(default_factory=dict)
 
 
+# numeric keys with a lower bound: name -> (bound, strict); None stays allowed where the type is
+_LOWER_BOUNDS = {"vision_learning_rate": (0.0, True), "numeric_ev_loss": (0.0, False),
+                 "numeric_label_smoothing": (0.0, False)}
+
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),
     "normalize": ("zscore_brain", "percentile", "none", "zscore_run", "zscore_run_bgmin",
@@ -222,7 +227,7 @@ _CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "scoring": ("likelihood", "generate"),
     "patch_embed": ("linear", "conv"),
-    "stem_style": ("strided", "pooled"),
+    "stem_style": STEM_STYLES,
     "rsfmri_embed": ("auto", "linear", "conv", "connectivity"),
     "regression": ("expected", "median", "generate"),
     "select_best": ("auto", "none", "val_loss", "metric"),
@@ -276,6 +281,10 @@ def _check_leaf(path: str, value: Any) -> str | None:
     name = path.rsplit(".", 1)[-1]
     if name in _CHOICES and value not in _CHOICES[name]:
         return f"bad value for '{path}': {value!r}; choose one of {', '.join(_CHOICES[name])}"
+    if name in _LOWER_BOUNDS and value is not None:
+        low, strict = _LOWER_BOUNDS[name]
+        if not (float(value) > low if strict else float(value) >= low):
+            return f"bad value for '{path}': {value!r}; it must be {'>' if strict else '>='} {low}"
     return None
 
 

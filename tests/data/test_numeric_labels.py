@@ -178,11 +178,14 @@ def test_expected_value_terms_scale_by_weight_and_spread(tokenizer):
         NumericLabels(tokenizer, train, 0.0)
 
 
-def test_training_with_the_expected_value_term_runs_and_refuses_bad_weights(tiny_config):
+def test_the_expected_value_term_refuses_bad_weights_and_records_without_numbers(tiny_config):
     from umbrella.errors import ConfigError
     from umbrella.training.run import train
 
     with pytest.raises(ConfigError, match="numeric_ev_loss"):  # the tiny cohort asks sex only
         train(tiny_config("training.numeric_ev_loss=1.0", "training.max_steps=1"), progress=False)
-    with pytest.raises(ConfigError, match="must be >= 0"):
+    with pytest.raises(ConfigError, match="numeric_ev_loss.*must be >= 0"):
         train(tiny_config("training.numeric_ev_loss=-1", "training.max_steps=1"), progress=False)
+    with pytest.raises(ConfigError, match="numeric_label_smoothing.*must be >= 0"):
+        train(tiny_config("training.numeric_label_smoothing=-0.1", "training.max_steps=1"),
+              progress=False)

@@ -6,6 +6,7 @@ from transformers import TrainingArguments
 
 from umbrella.config import ModelConfig, load_config
 from umbrella.data.tokenizer import train_tokenizer
+from umbrella.errors import ConfigError
 from umbrella.model.build import build_brain_llava
 from umbrella.training.trainer import UmbrellaTrainer
 
@@ -55,12 +56,18 @@ def test_without_it_every_group_keeps_the_learning_rate(tmp_path):
     assert len(trainer.optimizer.param_groups) == 2
 
 
-def test_config_key():
+def test_config_key_and_its_bound():
     assert load_config().training.vision_learning_rate is None
     assert load_config(None, ["training.vision_learning_rate=2e-3"]).training.vision_learning_rate \
         == pytest.approx(2e-3)
+    for bad in ("0", "-1e-3"):
+        with pytest.raises(ConfigError, match="training.vision_learning_rate.*must be > 0"):
+            load_config(None, [f"training.vision_learning_rate={bad}"])
 
 
-def test_a_rate_that_is_not_positive_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="training.vision_learning_rate=0.0 must be > 0"):
-        _optimizer(tmp_path, 0.0)
+def test_a_second_call_changes_nothing(tmp_path):
+    _, trainer = _optimizer(tmp_path, 5e-3)
+    before = [(g["lr"], [id(p) for p in g["params"]]) for g in trainer.optimizer.param_groups]
+    trainer.create_optimizer()
+    assert [(g["lr"], [id(p) for p in g["params"]])
+            for g in trainer.optimizer.param_groups] == before

@@ -7,6 +7,7 @@ build on this module; it imports none of them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,11 @@ class _Template:
     csf_level: float  # CSF intensity on the same scale as t1
     wm: np.ndarray | None = None  # float32 WM probability, 0 outside the brain
     mask: np.ndarray | None = None  # bool brain mask
-    gm_level: float | None = None  # GM intensity on the same scale (median where P(GM) > 0.9)
+
+    @functools.cached_property
+    def gm_level(self) -> float:
+        """GM intensity on the same scale as t1 (median where P(GM) > 0.9), computed once."""
+        return float(np.median(self.t1[self.gm > 0.9]))
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,7 @@ def _load_template() -> _Template:
     t1 = np.where(mask, t1 / wm_level, 0.0).astype(np.float32)
     gm = np.where(mask, gm, 0.0).astype(np.float32)
     wm = np.where(mask, wm, 0.0).astype(np.float32)
-    gm_level = float(np.median(t1[gm > 0.9]))
-    return _Template(t1, gm, np.linalg.inv(t1_img.affine), csf_level, wm, mask, gm_level)
+    return _Template(t1, gm, np.linalg.inv(t1_img.affine), csf_level, wm, mask)
 
 
 def _set_template(template: _Template) -> None:

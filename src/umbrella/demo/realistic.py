@@ -400,8 +400,6 @@ def with_csf_contrast(t1: np.ndarray, factor: float) -> np.ndarray:
     volume, the aged cortex's GM-to-CSF mixture) keep their mixing fraction, so the planted
     cortical effects stay readable once the CSF level is known (from the ventricles)."""
     tpl = _anatomy._template()
-    if tpl.gm_level is None:
-        raise RuntimeError("the demo template lacks its GM level; reload it with _load_template")
     csf, gm = tpl.csf_level, tpl.gm_level
     return np.interp(t1, [0.0, csf, gm, 1e3], [0.0, csf * factor, gm, 1e3]).astype(np.float32)
 

@@ -89,10 +89,10 @@ def resolve_preset(cfg: ModelConfig) -> Preset:
 
 def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str, dict]:
     """``modalities`` with ``model.patch_embed`` (rsfMRI: ``model.rsfmri_embed`` unless "auto"; and,
-    for "conv", ``model.stem_channels`` and ``model.stem_style``) written into each spec that does not name its own
-    ``embed``, and ``center`` where ``model.center_inputs`` is on (not for connectivity). A
-    geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the stem cannot be
-    built for raises ConfigError naming the config keys and the fix."""
+    for "conv", ``model.stem_channels`` and ``model.stem_style``) written into each spec that
+    does not name its own ``embed``, and ``center`` where ``model.center_inputs`` is on (not for
+    connectivity). A geometry error stays the ValueError of :class:`BrainViTConfig`; a patch the
+    stem cannot be built for raises ConfigError naming the config keys and the fix."""
     out, problems = {}, []
     for name, spec in modalities.items():
         embed = cfg.patch_embed

@@ -129,9 +129,6 @@ def _datasets(cfg: UmbrellaConfig, splits: dict, encoder: PromptEncoder, run_dir
                                run_dir / "bad_samples.jsonl")
 
     smoothing, ev_weight = cfg.training.numeric_label_smoothing, cfg.training.numeric_ev_loss
-    if smoothing < 0 or ev_weight < 0:
-        raise ConfigError(f"training.numeric_label_smoothing={smoothing} and "
-                          f"training.numeric_ev_loss={ev_weight} must be >= 0")
     common["numeric"] = (NumericLabels(encoder.tok, splits["train"], smoothing, ev_weight)
                          if smoothing > 0 or ev_weight > 0 else None)
     if common["numeric"] is not None and not common["numeric"].sigma:

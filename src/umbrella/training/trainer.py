@@ -167,24 +167,19 @@ class UmbrellaTrainer(Trainer):
         """The Trainer's optimizer; with ``vision_learning_rate`` the vision tower's parameters
         get that peak rate in groups of their own (weight decay as the Trainer decides it)."""
         optimizer = super().create_optimizer(model)
-        if self.vision_learning_rate is None or getattr(self, "_vision_groups", False):
+        rate = self.vision_learning_rate
+        if rate is None:
             return optimizer
-        if not self.vision_learning_rate > 0:
-            raise ValueError(f"training.vision_learning_rate={self.vision_learning_rate} must be > 0 "
-                             "(or null: the vision tower takes training.learning_rate)")
         opt_model = self.model if model is None else model
         tower = {id(p) for n, p in opt_model.named_parameters() if "vision_tower." in n}
-        groups = []
-        for group in optimizer.param_groups:
-            rest = [p for p in group["params"] if id(p) not in tower]
+        for group in list(optimizer.param_groups):  # idempotent: a second call changes nothing
             own = [p for p in group["params"] if id(p) in tower]
-            groups += [{**group, "params": rest}] if rest else []
-            groups += [{**group, "params": own, "lr": self.vision_learning_rate}] if own else []
-        optimizer.param_groups.clear()
-        for group in groups:
-            group.pop("initial_lr", None)
-            optimizer.add_param_group(group)
-        self._vision_groups = True
+            rest = [p for p in group["params"] if id(p) not in tower]
+            if own and rest:
+                group["params"] = rest
+                optimizer.add_param_group({**group, "params": own, "lr": rate})
+            elif own:
+                group["lr"] = rate
         return optimizer
 
     def get_train_dataloader(self) -> DataLoader:
