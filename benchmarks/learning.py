@@ -23,7 +23,8 @@ candidates' expected value; the last step's weights are not kept, so best-vs-las
 best.json's validation curve instead).
 
 Usage: python -m benchmarks.learning [--seeds 0,1,2] [--part T1[,rsfMRI]] [--subjects 2000]
-                                     [--csf-contrast C] [--workdir DIR] [--smoke] [KEY=VALUE ...]
+                                     [--csf-contrast C] [--pretrain-epochs N] [--workdir DIR]
+                                     [--smoke] [KEY=VALUE ...]
 KEY=VALUE overrides go to every training run's config (e.g. model.patch_embed=linear).
 """
 
@@ -76,6 +77,10 @@ FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "training.max_steps=150
                  "training.eval_steps=250", "training.select_best=metric",
                  "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
+# --pretrain-epochs N: each seed first trains its tower alone (`umbrella pretrain`, the seed's
+# config and training split) and the VLM then reads it as trained: loaded by model.vision_init,
+# patch embeddings and encoder layers frozen. Overrides given on the command line come after these.
+PRETRAIN_SETTINGS = ["model.train_embeddings=frozen", "model.train_vision=frozen"]
 
 
 def _metric(task: str) -> str:
@@ -124,13 +129,25 @@ def _part_config(plan, part: str, seed: int, run_root: Path, extra: list[str]):
 
 
 def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablate: bool,
-             quiet: bool) -> dict:
-    """Train one seed, evaluate the test split (model, reference, baseline); returns the facts."""
+             quiet: bool, pretrain_epochs: int = 0) -> dict:
+    """Train one seed (after `umbrella pretrain` of its tower when ``pretrain_epochs``),
+    evaluate the test split (model, reference, baseline); returns the facts."""
     from umbrella.data.catalog import by_split, load_config_records
     from umbrella.evaluation.evaluate import evaluate_records
+    from umbrella.training.pretrain import pretrain
     from umbrella.training.run import train
 
-    cfg = _part_config(plan, part, seed, run_root, extra)
+    pretrain_s, first = 0.0, []
+    if pretrain_epochs:
+        tower = run_root / part / f"pretrain_seed{seed}"
+        start = time.time()
+        pretrain(_part_config(plan, part, seed, run_root,
+                              [*PRETRAIN_SETTINGS, f"pretrain.epochs={pretrain_epochs}",
+                               f"pretrain.output_dir={tower}", *extra]),
+                 progress=not quiet, log=_quiet if quiet else print)
+        pretrain_s = time.time() - start
+        first = [*PRETRAIN_SETTINGS, f"model.vision_init={tower}"]
+    cfg = _part_config(plan, part, seed, run_root, first + extra)
     start = time.time()
     trained = train(cfg, progress=not quiet)
     train_s = time.time() - start
@@ -145,6 +162,7 @@ def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablat
                               regression=cfg.evaluation.regression, **kw)
     eval_s = time.time() - start
     out = {"seed": seed, "run_dir": str(trained.run_dir), "train_s": round(train_s, 1),
+           "pretrain_s": round(pretrain_s, 1),
            "eval_s": round(eval_s, 1), "best": trained.best, "tasks": {}}
     for task, m in result.metrics["tasks"].items():
         metric = _metric(task)
@@ -224,6 +242,9 @@ def main(argv=None) -> dict:
     p.add_argument("--csf-contrast", type=float, default=0.0, metavar="C",
                    help="build the cohort with T1 scans whose CSF level varies by U[1-C, 1+C] "
                         "(a cohort of its own, realistic_N_4mm_csfC; default 0: off)")
+    p.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
+                   help="train each seed's tower alone for N epochs first (`umbrella pretrain`) "
+                        "and the VLM on it, frozen (default 0: off)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every training run")
     args = p.parse_args(argv)
@@ -234,16 +255,18 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--part takes {', '.join(PARTS)}; got {args.part}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     extra = list(args.overrides)
-    n_subjects = args.subjects
+    n_subjects, pretrain_epochs = args.subjects, args.pretrain_epochs
     if opts.mode == "smoke":  # tiny cohort, few steps: checks that the benchmark runs
         n_subjects, seeds = 40, seeds[:1]
         extra += ["training.max_steps=4", "training.eval_steps=2", "evaluation.regression_step=5"]
+        pretrain_epochs = min(pretrain_epochs, 1)
     opts.workdir.mkdir(parents=True, exist_ok=True)
     run_root = opts.workdir / ("learning_smoke" if opts.mode == "smoke" else "learning_runs")
     results, table_rows, checks, targets = {}, [], {}, {}
     plan = prepare(opts.workdir, parts, n_subjects, [], opts.quiet, args.csf_contrast)
     for part in parts:
-        runs = [run_seed(plan, part, s, run_root, extra, args.ablate, opts.quiet) for s in seeds]
+        runs = [run_seed(plan, part, s, run_root, extra, args.ablate, opts.quiet,
+                         pretrain_epochs) for s in seeds]
         tasks, rows = summarise(part, runs, plan.truth)
         results[part] = {"runs": runs, "tasks": tasks}
         table_rows += rows
@@ -256,7 +279,8 @@ def main(argv=None) -> dict:
              "same preprocessed inputs (training split); achievable = cohort truth.json",
              f"runs under {run_root}"]
     return common.emit("learning", {"mode": opts.mode, "seeds": seeds, "parts": parts,
-                                    "subjects": n_subjects, "overrides": extra},
+                                    "subjects": n_subjects, "overrides": extra,
+                                    "pretrain_epochs": pretrain_epochs},
                        {**results, "checks": checks, "targets": targets},
                        ["task", "model", "reference", "baseline", "achievable", "target"],
                        table_rows, notes, quiet=opts.quiet)

@@ -168,6 +168,28 @@ def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(
             ranges.intensity) == (0.5, 5, 2, 0, 0)
 
 
+def test_learning_with_pretrain_trains_each_seeds_tower_first_and_the_vlm_on_it(tmp_path):
+    """--pretrain-epochs: the seed's tower is trained alone, then loaded and frozen in the VLM."""
+    import torch
+    from benchmarks import learning
+    from safetensors.torch import load_file
+
+    from umbrella.config import load_config
+
+    out = learning.main(["--smoke", "--part", "T1", "--workdir", str(tmp_path), "--quiet",
+                         "--threads", "1", "--pretrain-epochs", "3", "model.patch_embed=conv",
+                         "model.stem_style=pooled", "model.stem_channels=[4,8,16,32]"])
+    assert out["config"]["pretrain_epochs"] == 1  # the smoke run caps it
+    run = out["results"]["T1"]["runs"][0]
+    assert run["pretrain_s"] > 0 and set(out["results"]["T1"]["tasks"]) == {"age", "sex"}
+    cfg = load_config(Path(run["run_dir"]) / "config.yaml")
+    assert (cfg.model.train_embeddings, cfg.model.train_vision) == ("frozen", "frozen")
+    tower = load_file(str(Path(cfg.model.vision_init) / "vision_tower.safetensors"))
+    model = load_file(str(Path(run["run_dir"]) / "model" / "model.safetensors"))
+    stem = "embeddings.T1.stem.0.conv.weight"
+    assert torch.equal(model[f"model.vision_tower.{stem}"], tower[stem])
+
+
 def test_cnn_probe_trains_the_stem_on_age_and_scores_the_test_split(tmp_path, capsys):
     """The stem-alone diagnostic on a 60-subject realistic cohort, 2 epochs: the kept epoch's
     test MAE with its CI over the cohort's test split."""

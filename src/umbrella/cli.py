@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.max_steps=20")
 
+    pt = sub.add_parser("pretrain", help="train the vision tower alone on the training split's "
+                                         "answers (a first stage; load it with model.vision_init)")
+    pt.add_argument("-c", "--config", required=True, help="YAML config (the pretrain section and "
+                                                          "the dataset / model the VLM will use)")
+    pt.add_argument("--quiet", action="store_true", help="no progress bars")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. pretrain.epochs=4")
+
     e = sub.add_parser("evaluate", help="metrics of a trained model on one split")
     e.add_argument("--model", required=True, help="run folder printed by `umbrella train`")
     e.add_argument("-c", "--config", help="config naming the records (default: the run's)")
@@ -176,6 +183,16 @@ def _cmd_train(args) -> int:
     print(f"trained in {result.seconds:.0f} s; run folder: {result.run_dir}\nmodel: {result.model_dir}")
     if line := best_summary(result.best):
         print(line)
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from umbrella.config import load_config
+    from umbrella.training.pretrain import pretrain
+
+    out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
+    print(f"pretrained vision tower: {out}\nuse it with: umbrella train -c {args.config} "
+          f"model.vision_init={out}")
     return 0
 
 
@@ -347,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"demo": _cmd_demo, "prepare": _cmd_prepare, "validate": _cmd_validate,
-                "cache": _cmd_cache, "train": _cmd_train,
+                "cache": _cmd_cache, "train": _cmd_train, "pretrain": _cmd_pretrain,
                 "evaluate": _cmd_evaluate, "ask": _cmd_ask, "serve": _cmd_serve}
     try:
         code = handlers[args.command](args)

@@ -107,7 +107,13 @@ class ModelConfig:
     text_layers: int | None = None
     text_heads: int | None = None
     vocab_size: int = 512  # target size of the byte-level BPE trained on the records' text
-    train_vision: str = "full"  # vision encoder layers: full | frozen | lora (patch embeddings always train)
+    train_vision: str = "full"  # vision encoder layers: full | frozen | lora
+    # the modalities' patch embeddings (stems, projections, positions, centering): full | frozen
+    # (kept as loaded, BatchNorm / centering statistics included: e.g. over model.vision_init)
+    train_embeddings: str = "full"
+    # a vision tower trained by `umbrella pretrain` (its folder): loaded into the fresh model's
+    # tower before training; its geometry and sizes must match this config's (None: random init)
+    vision_init: str | None = None
     train_projector: str = "full"  # full | frozen | lora
     train_llm: str = "full"  # full | frozen | lora
     lora_r: int = 8
@@ -191,6 +197,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`umbrella pretrain`: the vision tower alone, supervised by the training split's answers
+    (each image's classification and regression targets, one linear head per task on the mean of
+    the tower's tokens), before the VLM is trained on it (``model.vision_init``)."""
+
+    output_dir: str | None = None  # default: <training.output_dir>/pretrain__<preset>__<hash>
+    epochs: int = 12
+    batch_size: int = 16
+    learning_rate: float = 2e-3  # one-cycle peak (AdamW)
+    weight_decay: float = 1e-3
+    head_dropout: float = 0.5  # dropout before each task's linear head
+    keep_best: bool = True  # keep the epoch of the lowest validation loss (else the last)
+    # the heads read the encoder layers' output (true) or the patch embeddings' tokens (false: only
+    # the embeddings learn; the encoder layers are saved as initialised, to be trained in the VLM)
+    encoder_layers: bool = True
+
+
+@dataclass
 class TrackingConfig:
     report_to: str = "none"  # none | tensorboard | wandb | mlflow
     project: str = "umbrella"
@@ -203,13 +227,15 @@ class UmbrellaConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     # per-study overrides of the registry (umbrella.data.studies), e.g. {ABCD: {tr: 0.8}}
     studies: dict[str, Any] = field(default_factory=dict)
 
 
 # numeric keys with a lower bound: name -> (bound, strict); None stays allowed where the type is
 _LOWER_BOUNDS = {"vision_learning_rate": (0.0, True), "numeric_ev_loss": (0.0, False),
-                 "numeric_label_smoothing": (0.0, False)}
+                 "numeric_label_smoothing": (0.0, False), "epochs": (0.0, True),
+                 "head_dropout": (0.0, False)}
 
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),
@@ -219,6 +245,7 @@ _CHOICES = {
     "train_vision": ("full", "frozen", "lora"),
     "train_projector": ("full", "frozen", "lora"),
     "train_llm": ("full", "frozen", "lora"),
+    "train_embeddings": ("full", "frozen"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "dtype": (None, "float32", "bfloat16", "float16"),
     "dmri_map": ("FA", "MD", "AD", "RD"),

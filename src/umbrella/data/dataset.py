@@ -85,7 +85,7 @@ def window_tensor(run: np.ndarray, start: int, spec) -> torch.Tensor:
 
 
 class InstructionDataset(Dataset):
-    def __init__(self, records: list[Record], encoder: PromptEncoder,
+    def __init__(self, records: list[Record], encoder: PromptEncoder | None,
                  inputs: dict[str, ModalityInput], *, augment: dict[str, VolumeAugment] | None = None,
                  seed: int = 0, max_length: int | None = None, memoize: bool = False,
                  cache: PreprocessCache | None = None, windows: str = "random",
@@ -98,6 +98,7 @@ class InstructionDataset(Dataset):
         self.memo: dict[str, np.ndarray] | None = {} if memoize else None
         self.numeric = numeric
         with long_lived():  # one encoding per record, kept for the dataset's life
+            # encoder None: images only (scoring_sample; `umbrella pretrain`), no text
             encoded = {r.id: self._encode(r, max_length) for r in records}
             soft = ({r.id: numeric.targets(r, encoded[r.id].labels) for r in records}
                     if numeric else {})
@@ -116,6 +117,8 @@ class InstructionDataset(Dataset):
             raise RecordError(f"uses modality {missing[0]} which is not configured",
                               record_id=rec.id, source=rec.source,
                               fix=f"add dataset.{missing[0]} to the config or drop the record")
+        if self.encoder is None:  # images only (scoring_sample; `umbrella pretrain`), no text
+            return None
         enc = self.encoder.encode(rec.turns, [self.inputs[im.modality].tokens for im in rec.images])
         if max_length is not None and len(enc.input_ids) > max_length:
             raise RecordError(f"is {len(enc.input_ids)} tokens long (image tokens included), over "

@@ -122,6 +122,16 @@ def with_patch_embed(cfg: ModelConfig, modalities: dict[str, dict]) -> dict[str,
     return out
 
 
+def vision_config(cfg: ModelConfig, modalities: dict[str, dict]) -> BrainViTConfig:
+    """The vision tower's config for ``modalities`` under ``cfg`` (preset, overrides, patch
+    embeddings): the tower :func:`build_brain_llava` builds and ``umbrella pretrain`` trains."""
+    p = resolve_preset(cfg)
+    return BrainViTConfig(hidden_size=p.vision_hidden_size,
+                          intermediate_size=p.vision_intermediate_size or 4 * p.vision_hidden_size,
+                          num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
+                          modalities=with_patch_embed(cfg, modalities))
+
+
 def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                       seed: int | None = None, *,
                       token_pool: int | Sequence[int] | None = None
@@ -140,10 +150,7 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                          "implemented yet; leave model.base unset to build from model.preset")
     pool = normalize_token_pool(token_pool)
     p = resolve_preset(cfg)
-    vision = BrainViTConfig(hidden_size=p.vision_hidden_size,
-                            intermediate_size=p.vision_intermediate_size or 4 * p.vision_hidden_size,
-                            num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
-                            modalities=with_patch_embed(cfg, modalities))
+    vision = vision_config(cfg, modalities)
     for name, spec in vision.modalities.items():  # checked geometry; raises if the pool misfits
         pooled_tokens(spec, pool, name)
     if seed is not None:

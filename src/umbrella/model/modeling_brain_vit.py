@@ -168,6 +168,13 @@ class BrainPatchEmbedding(nn.Module):
         self.center = (PopulationCentering((self.in_channels, *self.image_size[:3]))
                        if spec.get("center") else None)
 
+    frozen = False  # set by the trainable policy (model.train_embeddings=frozen)
+
+    def train(self, mode: bool = True):
+        """A frozen embedding stays in evaluation mode (stored BatchNorm and centering
+        statistics) when the model around it trains."""
+        return super().train(mode and not self.frozen)
+
     def _compute_dtype(self, pixel_values: torch.Tensor) -> torch.dtype:
         """The dtype the projection runs in: autocast's where it is on (float16 batches are cast
         once, straight to bfloat16, not through float32), else the weights'."""

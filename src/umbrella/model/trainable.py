@@ -1,8 +1,9 @@
-"""Which parts of BrainLlava train: frozen, full or LoRA, per part; patch embeddings always train.
+"""Which parts of BrainLlava train: frozen, full or LoRA, per part; patch embeddings train unless
+frozen (``model.train_embeddings=frozen``, e.g. over a tower from ``umbrella pretrain``).
 
 Parts, found by parameter name::
 
-    embeddings.<modality>  model.vision_tower.embeddings.<modality>.*   always trainable
+    embeddings.<modality>  model.vision_tower.embeddings.<modality>.*   policy `embeddings` (full | frozen)
     vision_encoder         model.vision_tower.* (the encoder layers)    policy `vision`
     projector              model.multi_modal_projector.*                 policy `projector`
     llm                    model.language_model.*                        policy `llm`
@@ -37,6 +38,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from umbrella.errors import ConfigError, ModelError
+from umbrella.model.modeling_brain_vit import BrainPatchEmbedding
 
 POLICIES = ("frozen", "full", "lora")
 PART_PREFIXES = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.",
@@ -65,9 +67,12 @@ def part_of(name: str) -> str:
                      "(vision tower, projector, language model, lm_head)")
 
 
+EMBEDDING_POLICIES = ("full", "frozen")
+
+
 def _policy_of(part: str, policies: dict[str, str]) -> str:
     if part.startswith("embeddings."):
-        return "full"
+        return policies.get("embeddings", "full")
     if part == "lm_head":
         return "full" if policies["llm"] == "full" else "frozen"
     return policies[{"vision_encoder": "vision"}.get(part, part)]
@@ -78,7 +83,14 @@ def _check_policies(policies: dict[str, str], lora_targets: dict | None) -> None
     problems = [f"model.trainable.{part} is missing" for part in PART_PREFIXES
                 if part not in policies]
     problems += [f"model.trainable.{part}={value!r} is not a policy; choose one of "
-                 f"{', '.join(POLICIES)}" for part, value in policies.items() if value not in POLICIES]
+                 f"{', '.join(POLICIES)}" for part, value in policies.items()
+                 if part in PART_PREFIXES and value not in POLICIES]
+    problems += [f"model.train_embeddings={value!r} is not a policy; choose one of "
+                 f"{', '.join(EMBEDDING_POLICIES)}" for part, value in policies.items()
+                 if part == "embeddings" and value not in EMBEDDING_POLICIES]
+    problems += [f"model.trainable.{part} is not a part; parts are "
+                 f"{', '.join([*PART_PREFIXES, 'embeddings'])}" for part in policies
+                 if part not in PART_PREFIXES and part != "embeddings"]
     unknown = sorted(set(lora_targets or {}) - set(DEFAULT_LORA_TARGETS))
     if unknown:
         problems.append(f"model.lora.targets has unknown part(s) {', '.join(unknown)}; parts are "
@@ -113,15 +125,18 @@ def has_lora(model) -> bool:
 
 def apply_trainable_policy(model, *, vision: str = "full", projector: str = "full",
                            llm: str = "full", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05,
-                           lora_targets: dict[str, list[str]] | None = None):
+                           lora_targets: dict[str, list[str]] | None = None, embeddings: str = "full"):
     """Set ``requires_grad`` per part; inject LoRA (one adapter) into the parts whose policy is "lora".
 
     Each policy is "frozen" | "full" | "lora". ``lora_targets`` overrides, per part ("vision",
     "projector", "llm"), the Linear layer names LoRA wraps (defaults: DEFAULT_LORA_TARGETS).
-    Patch embeddings always train. Returns the same model object, changed in place; the policies
-    are kept on it (``model.trainable_policy``) so that :func:`save_trained` records them.
+    ``embeddings`` ("full" | "frozen") covers every modality's patch embedding (stem, projection,
+    positions, population centering): frozen ones keep their weights and run in evaluation mode
+    (BatchNorm and centering use their stored statistics) while the rest trains. Returns the same
+    model object, changed in place; the policies are kept on it (``model.trainable_policy``) so
+    that :func:`save_trained` records them.
     """
-    policies = {"vision": vision, "projector": projector, "llm": llm}
+    policies = {"vision": vision, "projector": projector, "llm": llm, "embeddings": embeddings}
     _check_policies(policies, lora_targets)
     lora_parts = [p for p, v in policies.items() if v == "lora"]
     if lora_parts:
@@ -140,6 +155,11 @@ def _set_requires_grad(model, policies: dict[str, str]) -> None:
     for name, param in model.named_parameters():
         policy = _policy_of(part_of(name), policies)
         param.requires_grad_(policy == "full" or (policy == "lora" and "lora_" in name))
+    frozen = policies.get("embeddings", "full") == "frozen"
+    for module in model.modules():
+        if isinstance(module, BrainPatchEmbedding):
+            module.frozen = frozen
+            module.train(module.training)  # a frozen embedding drops to evaluation mode now
     if policies["llm"] != "full":  # frozen input embeddings: keep activations differentiable
         model.enable_input_require_grads()
     model.trainable_policy = dict(policies)

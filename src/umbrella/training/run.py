@@ -168,7 +168,8 @@ def data_source(cfg: UmbrellaConfig, records) -> str:
 
 def make_model(cfg: UmbrellaConfig, train_records):
     """A converted pretrained LLaVA (model.base) or a fresh preset with a tokenizer trained on the
-    training records; then the freeze / LoRA policy."""
+    training records; the tower of ``umbrella pretrain`` where model.vision_init names one; then
+    the freeze / LoRA policy."""
     m = cfg.model
     if m.base:
         from umbrella.model.convert import convert_pretrained_llava
@@ -182,9 +183,13 @@ def make_model(cfg: UmbrellaConfig, train_records):
         tokenizer = train_tokenizer(_tokenizer_corpus(train_records), m.vocab_size)
         model = build_brain_llava(m, model_geometry(cfg), tokenizer, seed=cfg.training.seed,
                                   token_pool=m.token_pool)
+    if m.vision_init:
+        from umbrella.training.pretrain import load_vision_init
+
+        load_vision_init(model.model.vision_tower, m.vision_init)
     model = apply_trainable_policy(model, vision=m.train_vision, projector=m.train_projector,
                                    llm=m.train_llm, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
-                                   lora_dropout=m.lora_dropout)
+                                   lora_dropout=m.lora_dropout, embeddings=m.train_embeddings)
     return model, tokenizer
 
 

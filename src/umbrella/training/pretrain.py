@@ -1,0 +1,423 @@
+"""`umbrella pretrain`: the vision tower alone, supervised by the training split's answers.
+
+A first stage before the VLM (issue 10's two-stage recipe, with a supervised first stage): the
+tower the config would build (:func:`umbrella.model.build.vision_config`: preset, patch
+embeddings, stems, population centering) reads every training image once per epoch, and one
+linear head per (modality, task) on the mean of its last layer's tokens predicts the image's
+answers: squared error of the standardised value for regression tasks, cross-entropy over the
+options for classification tasks, summed over the tasks an image answers (an image asked for sex
+and for age is one sample with two targets). AdamW with a one-cycle schedule, the training
+split's augmentation (``dataset.<m>.augment``), the epoch of the lowest validation loss kept. No
+language model: the tower learns from a signal as direct as a brain-age CNN's, which the answer
+tokens of the VLM do not give it (benchmarks/README.md section 11, "Under scanner contrast").
+
+Only the training split's answers are used for the weights; the validation split chooses the
+epoch; the test split is never read. The VLM then starts from this tower with
+``model.vision_init=<folder>`` (and, to keep it as trained, ``model.train_embeddings=frozen`` /
+``model.train_vision=frozen``).
+
+Folder written (the tower first, the JSON last, each atomically; the JSON holds the tower file's
+SHA-256, so a tower and a description of another run never pair)::
+
+    <pretrain.output_dir>/        default <training.output_dir>/pretrain__<preset>__<hash>/seed_<n>
+        vision_tower.safetensors  the tower's weights and buffers (BrainViTModel state dict)
+        pretrain.json             the tower's config, the heads' tasks, every epoch's validation
+                                  loss and metrics, the kept epoch, split sizes, seconds
+        config.yaml               the resolved config
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from umbrella.config import UmbrellaConfig, config_to_dict, save_config
+from umbrella.data.cache import PreprocessCache
+from umbrella.data.catalog import by_split, load_config_records, modality_inputs, model_geometry
+from umbrella.data.collate import stack_images
+from umbrella.data.dataset import InstructionDataset
+from umbrella.data.records import Record
+from umbrella.data.sampling import ModalityBatchSampler
+from umbrella.errors import ConfigError, ModelError, RecordError
+from umbrella.io import atomic_write, atomic_write_json
+from umbrella.task_registry import task_for_record
+
+TOWER_FILE, INFO_FILE = "vision_tower.safetensors", "pretrain.json"
+
+
+@dataclass
+class Item:
+    """One image with every answer the split's records give for it."""
+
+    modality: str
+    record: Record  # the first record of the image: what the loader reads it through
+    targets: dict[str, float | str] = field(default_factory=dict)
+
+
+@dataclass
+class Head:
+    modality: str
+    task: str
+    kind: str  # regression | classification
+    options: list[str] = field(default_factory=list)
+    mean: float = 0.0  # regression: the training answers' mean and sd (targets standardised)
+    sd: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.modality}__{self.task}"
+
+
+def collect_items(records: list[Record]) -> tuple[list[Item], Counter]:
+    """Single-image classification / regression records -> one item per image, its answers
+    merged; returns the items and a count of records not used, by (task, reason). An answer the
+    task cannot parse, or two different answers of one task for one image, raise RecordError."""
+    items: dict[tuple[str, str], Item] = {}
+    unused: Counter = Counter()
+    for rec in records:
+        spec = task_for_record(rec.task, rec.metadata)
+        if spec is None or spec.kind not in ("classification", "regression"):
+            unused[(rec.task, "free-text answers")] += 1
+            continue
+        if len(rec.images) != 1:
+            unused[(rec.task, f"{len(rec.images)} images per question")] += 1
+            continue
+        value = spec.parse(rec.answer)
+        if value is None:
+            raise RecordError(f"answer {rec.answer!r} is not a valid {spec.name} answer",
+                              record_id=rec.id, source=rec.source,
+                              fix=f"write it as `umbrella prepare` does (e.g. "
+                                  f"{spec.format_answer(spec.options[0] if spec.options else 1.0)!r})")
+        image = rec.images[0]
+        item = items.setdefault((image.modality, str(image.path)), Item(image.modality, rec))
+        if rec.task in item.targets and item.targets[rec.task] != value:
+            raise RecordError(f"image {image.path} answers {rec.task} with {value!r} here and "
+                              f"{item.targets[rec.task]!r} in record {item.record.id!r}",
+                              record_id=rec.id, source=rec.source,
+                              fix="give each image one answer per task")
+        item.targets[rec.task] = value
+    return list(items.values()), unused
+
+
+def make_heads(items: list[Item]) -> list[Head]:
+    """One head per (modality, task) of the training items; regression targets standardised by
+    the training answers."""
+    heads = []
+    for modality, task in sorted({(it.modality, t) for it in items for t in it.targets}):
+        spec = task_for_record(task, next(it.record.metadata for it in items
+                                          if it.modality == modality and task in it.targets))
+        values = [it.targets[task] for it in items if it.modality == modality and task in it.targets]
+        if spec.kind == "regression":
+            arr = np.asarray(values, dtype=float)
+            heads.append(Head(modality, task, "regression", mean=float(arr.mean()),
+                              sd=float(arr.std()) if arr.std() > 0 else 1.0))
+        else:
+            heads.append(Head(modality, task, "classification", options=list(spec.options)))
+    return heads
+
+
+class TowerWithHeads(nn.Module):
+    """The vision tower and one linear head per (modality, task) on the mean of its tokens."""
+
+    def __init__(self, tower: nn.Module, heads: list[Head], dropout: float,
+                 encoder_layers: bool = True):
+        super().__init__()
+        self.tower, self.specs, self.encoder_layers = tower, {h.key: h for h in heads}, encoder_layers
+        width = tower.config.hidden_size
+        self.heads = nn.ModuleDict({h.key: nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(width, 1 if h.kind == "regression" else len(h.options)))
+            for h in heads})
+
+    def forward(self, pixels: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        if self.encoder_layers:
+            tokens = self.tower(pixels, modality=modality).last_hidden_state
+        else:  # the patch embedding's tokens (stem, projection, positions)
+            tokens = self.tower.embeddings[modality](pixels)
+        pooled = tokens.mean(1)
+        return {key: head(pooled) for key, head in self.heads.items()
+                if self.specs[key].modality == modality}
+
+
+def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
+               ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    """Sum over the batch's tasks of each task's mean loss over the images that answer it; also
+    {task key: (sum of the unit errors, count)}: absolute error in the task's unit for
+    regression, 0/1 errors for classification."""
+    total, errors = None, {}
+    for key, out in outputs.items():
+        h = specs[key]
+        rows = [i for i, t in enumerate(targets) if h.task in t]
+        if not rows:
+            continue
+        out = out[rows]
+        if h.kind == "regression":
+            y = torch.tensor([float(targets[i][h.task]) for i in rows], dtype=out.dtype)
+            pred = out.squeeze(1)
+            loss = nn.functional.mse_loss(pred, (y - h.mean) / h.sd)
+            err = float((pred.detach() * h.sd + h.mean - y).abs().sum())
+        else:
+            y = torch.tensor([h.options.index(targets[i][h.task]) for i in rows])
+            loss = nn.functional.cross_entropy(out, y)
+            err = float((out.detach().argmax(1) != y).sum())
+        errors[key] = (err, len(rows))
+        total = loss if total is None else total + loss
+    return total, errors
+
+
+class _Images(Dataset):
+    """Item index -> (modality, image tensor, targets), read through an images-only
+    :class:`InstructionDataset` (cache, memo, augmentation, rsfMRI windows as training reads them)."""
+
+    def __init__(self, items: list[Item], images: InstructionDataset):
+        self.items, self.images = items, images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        (modality, tensor), = self.images.scoring_sample(index)["images"]
+        return modality, tensor, self.items[index].targets
+
+
+def _collate(samples):
+    return (samples[0][0], stack_images([s[1] for s in samples], dtype=torch.float32,
+                                        modality=samples[0][0]), [s[2] for s in samples])
+
+
+def output_dir(cfg: UmbrellaConfig) -> Path:
+    """pretrain.output_dir, else <training.output_dir>/pretrain__<preset>__<hash>/seed_<n>, the
+    hash over what shapes the tower (dataset, model, pretrain sections)."""
+    if cfg.pretrain.output_dir:
+        return Path(cfg.pretrain.output_dir)
+    tree = config_to_dict(cfg)
+    tree = {k: tree[k] for k in ("dataset", "model", "pretrain")}
+    tree["model"] = {k: v for k, v in tree["model"].items() if k != "vision_init"}
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    return (Path(cfg.training.output_dir) / f"pretrain__{cfg.model.preset}__{digest}"
+            / f"seed_{cfg.training.seed}")
+
+
+def _check(cfg: UmbrellaConfig) -> None:
+    p, problems = cfg.pretrain, []
+    if p.batch_size < 1:
+        problems.append(f"pretrain.batch_size={p.batch_size}: it must be >= 1")
+    if not p.learning_rate > 0:
+        problems.append(f"pretrain.learning_rate={p.learning_rate}: it must be > 0")
+    if not 0 <= p.head_dropout < 1:
+        problems.append(f"pretrain.head_dropout={p.head_dropout}: it must be in [0, 1)")
+    if p.weight_decay < 0:
+        problems.append(f"pretrain.weight_decay={p.weight_decay}: it must be >= 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("`umbrella pretrain` runs in one process (every rank would train and "
+                        "write the same tower); start it without torchrun")
+    if cfg.model.base:
+        problems.append("model.base is set: `umbrella pretrain` trains the tower of model.preset; "
+                        "unset model.base")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _evaluate(net: TowerWithHeads, loader: DataLoader) -> dict:
+    """Validation loss (mean over batches) and per task: MAE (regression) or accuracy."""
+    net.eval()
+    losses, sums = [], {}
+    with torch.no_grad():
+        for modality, pixels, targets in loader:
+            loss, errors = batch_loss(net(pixels, modality), net.specs, targets)
+            if loss is not None:
+                losses.append(float(loss))
+            for key, (err, n) in errors.items():
+                e, c = sums.get(key, (0.0, 0))
+                sums[key] = (e + err, c + n)
+    net.train()
+    metrics = {}
+    for key, (err, n) in sums.items():
+        h = net.specs[key]
+        metrics[key] = ({"mae": err / n} if h.kind == "regression" else {"accuracy": 1 - err / n})
+        metrics[key]["n"] = n
+    return {"loss": float(np.mean(losses)) if losses else math.nan, "tasks": metrics}
+
+
+def _describe(metrics: dict) -> str:
+    parts = [f"{k.split('__', 1)[1]} " + (f"MAE {v['mae']:.3f}" if "mae" in v
+                                          else f"accuracy {v['accuracy']:.3f}")
+             for k, v in metrics["tasks"].items()]
+    return f"loss {metrics['loss']:.4f}" + ("; " + ", ".join(parts) if parts else "")
+
+
+def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
+    """Train the tower on the training split's answers; returns the folder written."""
+    from safetensors.torch import save_file
+
+    from umbrella.model.build import vision_config
+    from umbrella.model.modeling_brain_vit import BrainViTModel
+    from umbrella.training.run import augmenter, environment
+
+    _check(cfg)
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
+    p, seed = cfg.pretrain, cfg.training.seed
+    splits = by_split(load_config_records(cfg))
+    if not splits.get("train"):
+        raise ConfigError("no record of the config is in the training split; `umbrella pretrain` "
+                          "learns from the training split's answers")
+    train_items, unused = collect_items(splits["train"])
+    if not train_items:
+        raise ConfigError("no training record is a one-image classification or regression "
+                          "question: there is nothing for `umbrella pretrain` to learn from")
+    for (task, why), n in sorted(unused.items()):
+        log(f"pretrain: {n} training record(s) of task {task!r} not used ({why})")
+    heads = make_heads(train_items)
+    val_items = [it for it in collect_items(splits.get("val", []))[0]
+                 if any(f"{it.modality}__{t}" in {h.key for h in heads} for t in it.targets)]
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+
+    inputs = modality_inputs(cfg)
+    augment = {m: augmenter(m, s) for m, s in cfg.dataset.enabled().items() if s.augment}
+    cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
+    common = dict(encoder=None, inputs=inputs, seed=seed, memoize=cfg.dataset.memoize, cache=cache)
+    train_images = InstructionDataset([it.record for it in train_items], augment=augment,
+                                      windows="random", **common)
+    sampler = ModalityBatchSampler([it.modality for it in train_items], p.batch_size,
+                                   mixing=cfg.dataset.mixing, temperature=cfg.dataset.temperature,
+                                   seed=seed)
+    loader_kw = dict(collate_fn=_collate, num_workers=cfg.training.num_workers)
+    train_loader = DataLoader(_Images(train_items, train_images), batch_sampler=sampler, **loader_kw)
+    val_loader = None
+    if val_items:
+        val_images = InstructionDataset([it.record for it in val_items], windows="first", **common)
+        val_sampler = ModalityBatchSampler([it.modality for it in val_items], p.batch_size,
+                                           mixing="round_robin", seed=seed)
+        val_loader = DataLoader(_Images(val_items, val_images), batch_sampler=val_sampler,
+                                **loader_kw)
+
+    torch.manual_seed(seed)
+    tower = BrainViTModel(vision_config(cfg.model, model_geometry(cfg)))
+    net = TowerWithHeads(tower, heads, p.head_dropout, p.encoder_layers)
+    net.train()
+    steps = p.epochs * len(sampler)
+    opt = torch.optim.AdamW(net.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.learning_rate, total_steps=steps)
+    tasks = ", ".join(f"{h.task} ({h.modality}, {h.kind})" for h in heads)
+    log(f"pretrain: {len(train_items)} training / {len(val_items)} validation images; heads: "
+        f"{tasks}; {p.epochs} epochs of {len(sampler)} steps")
+    history, best, best_state = [], None, None
+    start = time.time()
+    bar = tqdm(total=steps, desc="pretrain", disable=not progress)
+    for epoch in range(p.epochs):
+        train_images.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        running = []
+        for modality, pixels, targets in train_loader:
+            loss, _ = batch_loss(net(pixels, modality), net.specs, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+        entry = {"epoch": epoch + 1, "train_loss": float(np.mean(running)),
+                 "seconds": round(time.time() - start, 1)}
+        if val_loader is not None:
+            entry["val"] = _evaluate(net, val_loader)
+            log(f"pretrain epoch {epoch + 1}/{p.epochs}: validation {_describe(entry['val'])} "
+                f"({entry['seconds']:.0f} s)")
+            keep = p.keep_best and (best is None or entry["val"]["loss"] < best["val"]["loss"])
+        else:
+            keep = True
+        history.append(entry)
+        if keep or not p.keep_best:
+            best, best_state = entry, copy.deepcopy(net.tower.state_dict())
+    bar.close()
+
+    state = {k: v.detach().contiguous() for k, v in best_state.items()}
+    atomic_write(out / TOWER_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    digest = hashlib.sha256((out / TOWER_FILE).read_bytes()).hexdigest()
+    save_config(cfg, out / "config.yaml")
+    info = {"vision_config": _tower_signature(tower.config), "sha256": digest,
+            "heads": [h.__dict__ for h in heads], "epochs": history,
+            "kept_epoch": best["epoch"], "encoder_layers": p.encoder_layers,
+            "selection": "val_loss" if val_loader is not None and p.keep_best else "last",
+            "train_images": len(train_items),
+            "val_images": len(val_items),
+            "unused_records": [{"task": t, "reason": w, "records": n}
+                               for (t, w), n in sorted(unused.items())],
+            "seconds": round(time.time() - start, 1), "env": environment()}
+    atomic_write_json(out / INFO_FILE, info)
+    log(f"pretrain: kept epoch {best['epoch']} of {p.epochs}"
+        + (f" (validation {_describe(best['val'])})" if "val" in best else "")
+        + f"; written: {out}")
+    return out
+
+
+def _tower_signature(config) -> dict:
+    """What must agree for a saved tower to load into another: sizes and every modality's spec."""
+    return json.loads(json.dumps({
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "modalities": config.modalities}))
+
+
+def load_vision_init(tower, folder: str | Path, log=print) -> dict:
+    """Load a tower written by :func:`pretrain` into ``tower`` (a BrainViTModel) in place.
+
+    Sizes must agree and every modality both have must have the same spec (geometry, embedding,
+    stem, centering); a modality only the model has keeps its fresh weights, one only the file
+    has is skipped (both logged). Raises ConfigError naming model.vision_init and each difference.
+    Returns {"loaded": [modalities], "fresh": [...], "skipped": [...]}.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    key = f"model.vision_init={str(folder)!r}"
+    if not (folder / INFO_FILE).is_file() or not (folder / TOWER_FILE).is_file():
+        raise ConfigError(f"{key}: {folder} holds no {INFO_FILE} and {TOWER_FILE}; point at the "
+                          "folder `umbrella pretrain` printed")
+    info = json.loads((folder / INFO_FILE).read_text())
+    if hashlib.sha256((folder / TOWER_FILE).read_bytes()).hexdigest() != info.get("sha256"):
+        raise ConfigError(f"{key}: {TOWER_FILE} is not the file {INFO_FILE} describes (its "
+                          "SHA-256 differs); run `umbrella pretrain` again into this folder")
+    saved, mine = info["vision_config"], _tower_signature(tower.config)
+    problems = [f"{key}: the pretrained tower has {k}={saved[k]}, this config's {mine[k]}"
+                for k in mine if k != "modalities" and saved[k] != mine[k]]
+    shared = [m for m in mine["modalities"] if m in saved["modalities"]]
+    for m in shared:
+        a, b = saved["modalities"][m], mine["modalities"][m]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                problems.append(f"{key}: modality {m}: the pretrained tower has {k}={a.get(k)}, "
+                                f"this config's {b.get(k)}")
+    if not shared:
+        problems.append(f"{key}: the pretrained tower reads {', '.join(saved['modalities'])}, "
+                        f"this model {', '.join(mine['modalities'])}: no modality in common")
+    if problems:
+        raise ConfigError(problems)
+    fresh = [m for m in mine["modalities"] if m not in shared]
+    skipped = [m for m in saved["modalities"] if m not in mine["modalities"]]
+    state = {k: v for k, v in load_file(str(folder / TOWER_FILE)).items()
+             if not any(k.startswith(f"embeddings.{m}.") for m in skipped)}
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    allowed = tuple(f"embeddings.{m}." for m in fresh)
+    wrong = [k for k in missing if not k.startswith(allowed)] + list(unexpected)
+    if wrong:
+        raise ModelError(f"{folder / TOWER_FILE} does not match the tower: "
+                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
+    log(f"vision tower initialised from {folder} (epoch {info.get('kept_epoch')}; "
+        f"{', '.join(shared)}" + (f"; fresh: {', '.join(fresh)}" if fresh else "")
+        + (f"; not in this model: {', '.join(skipped)}" if skipped else "") + ")")
+    return {"loaded": shared, "fresh": fresh, "skipped": skipped}
