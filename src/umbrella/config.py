@@ -11,6 +11,8 @@ and the nearest valid one; all problems are reported together in one :class:`Con
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -232,10 +234,13 @@ class UmbrellaConfig:
     studies: dict[str, Any] = field(default_factory=dict)
 
 
-# numeric keys with a lower bound: name -> (bound, strict); None stays allowed where the type is
-_LOWER_BOUNDS = {"vision_learning_rate": (0.0, True), "numeric_ev_loss": (0.0, False),
-                 "numeric_label_smoothing": (0.0, False), "epochs": (0.0, True),
-                 "head_dropout": (0.0, False)}
+# numeric keys with bounds, by leaf name in every section that has it (training.batch_size and
+# pretrain.batch_size alike): name -> (low, low inclusive, high or None: exclusive); None stays
+# allowed where the type is
+_BOUNDS = {"vision_learning_rate": (0.0, False, None), "learning_rate": (0.0, False, None),
+           "batch_size": (1, True, None), "weight_decay": (0.0, True, None),
+           "numeric_ev_loss": (0.0, True, None), "numeric_label_smoothing": (0.0, True, None),
+           "epochs": (1, True, None), "head_dropout": (0.0, True, 1.0)}
 
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),
@@ -308,10 +313,12 @@ def _check_leaf(path: str, value: Any) -> str | None:
     name = path.rsplit(".", 1)[-1]
     if name in _CHOICES and value not in _CHOICES[name]:
         return f"bad value for '{path}': {value!r}; choose one of {', '.join(_CHOICES[name])}"
-    if name in _LOWER_BOUNDS and value is not None:
-        low, strict = _LOWER_BOUNDS[name]
-        if not (float(value) > low if strict else float(value) >= low):
-            return f"bad value for '{path}': {value!r}; it must be {'>' if strict else '>='} {low}"
+    if name in _BOUNDS and value is not None:
+        low, inclusive, high = _BOUNDS[name]
+        above = float(value) >= low if inclusive else float(value) > low
+        if not above or (high is not None and not float(value) < high):
+            rule = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high else "")
+            return f"bad value for '{path}': {value!r}; it must be {rule}"
     return None
 
 
@@ -350,6 +357,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         merged = OmegaConf.merge(merged, tree)
     cfg: UmbrellaConfig = OmegaConf.to_object(merged)
     return cfg
+
+
+def digest(tree: dict) -> str:
+    """8 hex digits naming a config tree (sorted JSON, SHA-256): the hash in run folder names."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def config_to_dict(cfg: UmbrellaConfig) -> dict:

@@ -94,8 +94,12 @@ def test_pretrain_writes_the_tower_its_description_and_keeps_the_best_epoch(pret
     losses = [e["val"]["loss"] for e in info["epochs"]]
     assert len(losses) == 2 and info["selection"] == "val_loss"
     assert info["kept_epoch"] == 1 + losses.index(min(losses))
-    # the test split's images do not exist: the run above never read one
-    assert info["train_images"] + info["val_images"] < TINY["n"]
+    # the test split's images do not exist (reading one would have raised): every image read
+    # was a training or validation subject's
+    rows = [json.loads(line) for f in pretrained["cfg"].dataset.T1.records
+            for line in open(f) if line.strip()]
+    assert (info["train_images"], info["val_images"]) == tuple(
+        len({r["subject_id"] for r in rows if r["split"] == split}) for split in ("train", "val"))
     assert any("kept epoch" in line for line in pretrained["log"])
 
 
@@ -174,16 +178,19 @@ def test_a_tower_of_another_geometry_or_a_changed_file_is_refused(pretrained, tm
         load_vision_init(same, tmp_path, log=lambda *a: None)
 
 
-def test_pretrain_refuses_bad_settings(tiny_cohort, task_records, tmp_path):
+def test_pretrain_refuses_bad_settings(tiny_cohort, task_records, tmp_path, monkeypatch):
     from umbrella.training.pretrain import pretrain
 
-    cfg = _config(tiny_cohort, task_records["files"], tmp_path, "pretrain.head_dropout=1.0",
-                  "pretrain.learning_rate=0")
-    with pytest.raises(ConfigError) as err:
-        pretrain(cfg, progress=False)
-    assert "pretrain.head_dropout" in str(err.value) and "pretrain.learning_rate" in str(err.value)
-    with pytest.raises(ConfigError, match="pretrain.epochs"):
-        load_config(None, ["pretrain.epochs=0"])
+    with pytest.raises(ConfigError) as err:  # ranges: checked on loading, all at once
+        load_config(None, ["pretrain.head_dropout=1.0", "pretrain.learning_rate=0",
+                           "pretrain.epochs=0", "training.batch_size=0"])
+    for key in ("pretrain.head_dropout", "pretrain.learning_rate", "pretrain.epochs",
+                "training.batch_size"):
+        assert key in str(err.value)
+    assert load_config(None, ["pretrain.head_dropout=0.0"]).pretrain.head_dropout == 0.0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        pretrain(_config(tiny_cohort, task_records["files"], tmp_path), progress=False)
 
 
 def test_heads_on_the_embeddings_train_only_the_embeddings(tiny_cohort, task_records, tmp_path):

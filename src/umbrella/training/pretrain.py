@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from umbrella.config import UmbrellaConfig, config_to_dict, save_config
+from umbrella.config import UmbrellaConfig, config_to_dict, digest, save_config
 from umbrella.data.cache import PreprocessCache
 from umbrella.data.catalog import by_split, load_config_records, modality_inputs, model_geometry
 from umbrella.data.collate import stack_images
@@ -52,7 +52,7 @@ from umbrella.data.dataset import InstructionDataset
 from umbrella.data.records import Record
 from umbrella.data.sampling import ModalityBatchSampler
 from umbrella.errors import ConfigError, ModelError, RecordError
-from umbrella.io import atomic_write, atomic_write_json
+from umbrella.io import atomic_write_bytes, atomic_write_json
 from umbrella.task_registry import task_for_record
 
 TOWER_FILE, INFO_FILE = "vision_tower.safetensors", "pretrain.json"
@@ -205,21 +205,13 @@ def output_dir(cfg: UmbrellaConfig) -> Path:
     tree = config_to_dict(cfg)
     tree = {k: tree[k] for k in ("dataset", "model", "pretrain")}
     tree["model"] = {k: v for k, v in tree["model"].items() if k != "vision_init"}
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
-    return (Path(cfg.training.output_dir) / f"pretrain__{cfg.model.preset}__{digest}"
+    return (Path(cfg.training.output_dir) / f"pretrain__{cfg.model.preset}__{digest(tree)}"
             / f"seed_{cfg.training.seed}")
 
 
 def _check(cfg: UmbrellaConfig) -> None:
-    p, problems = cfg.pretrain, []
-    if p.batch_size < 1:
-        problems.append(f"pretrain.batch_size={p.batch_size}: it must be >= 1")
-    if not p.learning_rate > 0:
-        problems.append(f"pretrain.learning_rate={p.learning_rate}: it must be > 0")
-    if not 0 <= p.head_dropout < 1:
-        problems.append(f"pretrain.head_dropout={p.head_dropout}: it must be in [0, 1)")
-    if p.weight_decay < 0:
-        problems.append(f"pretrain.weight_decay={p.weight_decay}: it must be >= 0")
+    """What the config's own checks cannot see (the pretrain keys' ranges are checked on loading)."""
+    problems = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append("`umbrella pretrain` runs in one process (every rank would train and "
                         "write the same tower); start it without torchrun")
@@ -260,7 +252,7 @@ def _describe(metrics: dict) -> str:
 
 def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
     """Train the tower on the training split's answers; returns the folder written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from umbrella.model.build import vision_config
     from umbrella.model.modeling_brain_vit import BrainViTModel
@@ -281,8 +273,9 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
     for (task, why), n in sorted(unused.items()):
         log(f"pretrain: {n} training record(s) of task {task!r} not used ({why})")
     heads = make_heads(train_items)
+    keys = {h.key for h in heads}
     val_items = [it for it in collect_items(splits.get("val", []))[0]
-                 if any(f"{it.modality}__{t}" in {h.key for h in heads} for t in it.targets)]
+                 if any(f"{it.modality}__{t}" in keys for t in it.targets)]
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -316,6 +309,7 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
     log(f"pretrain: {len(train_items)} training / {len(val_items)} validation images; heads: "
         f"{tasks}; {p.epochs} epochs of {len(sampler)} steps")
     history, best, best_state = [], None, None
+    select = val_loader is not None and p.keep_best  # else the last epoch is kept
     start = time.time()
     bar = tqdm(total=steps, desc="pretrain", disable=not progress)
     for epoch in range(p.epochs):
@@ -337,22 +331,20 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
             entry["val"] = _evaluate(net, val_loader)
             log(f"pretrain epoch {epoch + 1}/{p.epochs}: validation {_describe(entry['val'])} "
                 f"({entry['seconds']:.0f} s)")
-            keep = p.keep_best and (best is None or entry["val"]["loss"] < best["val"]["loss"])
-        else:
-            keep = True
         history.append(entry)
-        if keep or not p.keep_best:
+        if not (select and best and entry["val"]["loss"] >= best["val"]["loss"]):
             best, best_state = entry, copy.deepcopy(net.tower.state_dict())
     bar.close()
 
-    state = {k: v.detach().contiguous() for k, v in best_state.items()}
-    atomic_write(out / TOWER_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    digest = hashlib.sha256((out / TOWER_FILE).read_bytes()).hexdigest()
+    data = save({k: v.detach().contiguous() for k, v in best_state.items()},
+                metadata={"format": "pt"})
+    atomic_write_bytes(out / TOWER_FILE, data)
     save_config(cfg, out / "config.yaml")
-    info = {"vision_config": _tower_signature(tower.config), "sha256": digest,
+    info = {"vision_config": _tower_signature(tower.config),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "heads": [h.__dict__ for h in heads], "epochs": history,
             "kept_epoch": best["epoch"], "encoder_layers": p.encoder_layers,
-            "selection": "val_loss" if val_loader is not None and p.keep_best else "last",
+            "selection": "val_loss" if select else "last",
             "train_images": len(train_items),
             "val_images": len(val_items),
             "unused_records": [{"task": t, "reason": w, "records": n}
@@ -381,7 +373,7 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
     has is skipped (both logged). Raises ConfigError naming model.vision_init and each difference.
     Returns {"loaded": [modalities], "fresh": [...], "skipped": [...]}.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder = Path(folder)
     key = f"model.vision_init={str(folder)!r}"
@@ -389,7 +381,8 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
         raise ConfigError(f"{key}: {folder} holds no {INFO_FILE} and {TOWER_FILE}; point at the "
                           "folder `umbrella pretrain` printed")
     info = json.loads((folder / INFO_FILE).read_text())
-    if hashlib.sha256((folder / TOWER_FILE).read_bytes()).hexdigest() != info.get("sha256"):
+    data = (folder / TOWER_FILE).read_bytes()  # read once: hashed, then loaded
+    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
         raise ConfigError(f"{key}: {TOWER_FILE} is not the file {INFO_FILE} describes (its "
                           "SHA-256 differs); run `umbrella pretrain` again into this folder")
     saved, mine = info["vision_config"], _tower_signature(tower.config)
@@ -409,7 +402,7 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
         raise ConfigError(problems)
     fresh = [m for m in mine["modalities"] if m not in shared]
     skipped = [m for m in saved["modalities"] if m not in mine["modalities"]]
-    state = {k: v for k, v in load_file(str(folder / TOWER_FILE)).items()
+    state = {k: v for k, v in load(data).items()
              if not any(k.startswith(f"embeddings.{m}.") for m in skipped)}
     missing, unexpected = tower.load_state_dict(state, strict=False)
     allowed = tuple(f"embeddings.{m}." for m in fresh)

@@ -15,8 +15,6 @@ Run folder layout (enough to evaluate and to ask)::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import sys
@@ -29,7 +27,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 import umbrella
-from umbrella.config import UmbrellaConfig, config_to_dict, save_config
+from umbrella.config import UmbrellaConfig, config_to_dict, digest, save_config
 from umbrella.data.cache import CacheKeys, PreprocessCache
 from umbrella.data.catalog import (
     by_split,
@@ -82,9 +80,8 @@ def run_dir_for(cfg: UmbrellaConfig, task_names: list[str]) -> Path:
     tree["training"] = {k: v for k, v in tree["training"].items()
                         if k not in ("output_dir", "run_name", "seed", "num_workers", "threads",
                                      "resume")}
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
     task = "+".join(sorted(set(task_names))) or "chat"
-    name = cfg.training.run_name or f"{task}__{cfg.model.preset}__{digest}"
+    name = cfg.training.run_name or f"{task}__{cfg.model.preset}__{digest(tree)}"
     return Path(cfg.training.output_dir) / name / f"seed_{cfg.training.seed}"
 
 
