@@ -132,15 +132,23 @@ def test_patch_embed_compares_conv_with_linear_of_the_same_run(opts, capsys):
 
 def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(tmp_path,
                                                                               capsys):
-    """The learning benchmark end to end on a 40-subject realistic cohort, 4 steps per part."""
+    """The learning benchmark end to end with its defaults on a 40-subject realistic cohort
+    (T1 scans with their own CSF contrast): T1 in two stages (the tower alone, 1 epoch, then the
+    VLM on it, frozen), rsfMRI in one; 4 VLM steps per part."""
+    import torch
     from benchmarks import learning
+    from safetensors.torch import load_file
+
+    from umbrella.config import load_config
 
     out = learning.main(["--smoke", "--part", "T1,rsfMRI", "--workdir", str(tmp_path), "--quiet",
                          "--threads", "1"])
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('{"benchmark"')]
     assert len(printed) == 1 and json.loads(printed[0])["benchmark"] == "learning"
+    assert out["config"]["pretrain_epochs"] == 1  # the smoke run caps the default 8
     res = out["results"]
-    truth = json.loads((tmp_path / "realistic_40_4mm" / "cohort" / "truth.json").read_text())
+    truth = json.loads((tmp_path / "realistic_40_4mm_csf0.1" / "cohort" / "truth.json").read_text())
+    assert truth["planted"]["nuisance"]["T1_csf_contrast"]["spread"] == 0.1
     for part, tasks in (("T1", {"age", "sex"}), ("rsfMRI", {"sex"})):
         assert set(res[part]["tasks"]) == tasks
         run = res[part]["runs"][0]
@@ -150,44 +158,58 @@ def test_learning_trains_both_parts_and_reports_them_beside_reference_and_truth(
             assert entry["achievable"] == truth["tasks"][task][part]["achievable"]
             assert entry["reference"] is not None and entry["baseline"] is not None
             assert res["checks"][f"{part}.{task}"] == entry["met"]
-    # each part trained with its own settings: rsfMRI the ones section 11 measured
-    from umbrella.config import load_config
-
     saved = {part: load_config(Path(res[part]["runs"][0]["run_dir"]) / "config.yaml")
              for part in ("T1", "rsfMRI")}
+    # T1: the tower first, then the VLM on it, frozen, with the two-stage settings
+    t1_run = res["T1"]["runs"][0]
+    assert t1_run["pretrain_s"] > 0
+    cfg = saved["T1"]
+    assert (cfg.model.train_embeddings, cfg.model.train_vision) == ("frozen", "frozen")
+    assert (cfg.model.patch_embed, cfg.model.stem_style, cfg.model.stem_channels,
+            cfg.model.center_inputs) == ("conv", "pooled", [8, 16, 32, 64], False)
+    ranges = cfg.dataset.T1.augment_ranges  # flips only
+    assert (ranges.flip_prob, ranges.rotate_deg, ranges.translate_vox, ranges.scale) == \
+        (0.5, 0, 0, 0)
+    tower = load_file(str(Path(cfg.model.vision_init) / "vision_tower.safetensors"))
+    model = load_file(str(Path(t1_run["run_dir"]) / "model" / "model.safetensors"))
+    stem = "embeddings.T1.stem.0.conv.weight"
+    assert torch.equal(model[f"model.vision_tower.{stem}"], tower[stem])
+    for task in ("age", "sex"):  # the tower's own heads scored on the same test split
+        alone = t1_run["tower_alone"][task]
+        assert alone["ci"][0] <= alone["value"] <= alone["ci"][1]
+        assert res["T1"]["tasks"][task]["tower_alone_per_seed"] == [alone["value"]]
+    # rsfMRI: one stage, with the settings section 11 measured
+    assert res["rsfMRI"]["runs"][0]["pretrain_s"] == 0
+    assert "tower_alone" not in res["rsfMRI"]["runs"][0]
     fmri = saved["rsfMRI"].dataset.rsfMRI
     assert (fmri.image_size, fmri.patch_size, fmri.sequence_length) == \
         ([24, 32, 24], [4, 4, 4, 24], 24)
     assert (fmri.normalize, fmri.eval_windows, fmri.voxel_size) == ("zscore_voxel", "all",
                                                                     [8.0, 8.0, 8.0])
     assert saved["rsfMRI"].model.rsfmri_embed == "connectivity" and not saved["rsfMRI"].dataset.T1.records
-    t1 = saved["T1"].dataset.T1
-    assert t1.augment and not saved["T1"].dataset.rsfMRI.records
-    ranges = t1.augment_ranges  # the measured setting: flips, +-5 deg, +-2 voxels, no scale
-    assert (ranges.flip_prob, ranges.rotate_deg, ranges.translate_vox, ranges.scale,
-            ranges.intensity) == (0.5, 5, 2, 0, 0)
+    assert saved["rsfMRI"].model.vision_init is None and not saved["T1"].dataset.rsfMRI.records
 
 
-def test_learning_with_pretrain_trains_each_seeds_tower_first_and_the_vlm_on_it(tmp_path):
-    """--pretrain-epochs: the seed's tower is trained alone, then loaded and frozen in the VLM."""
-    import torch
+def test_learning_in_one_stage_without_contrast(tmp_path):
+    """--pretrain-epochs 0 --csf-contrast 0: the one-stage run of the earlier figures (linear
+    patches, flips + rotations + translations), on the cohort without scanner contrast."""
     from benchmarks import learning
-    from safetensors.torch import load_file
 
     from umbrella.config import load_config
 
     out = learning.main(["--smoke", "--part", "T1", "--workdir", str(tmp_path), "--quiet",
-                         "--threads", "1", "--pretrain-epochs", "3", "model.patch_embed=conv",
-                         "model.stem_style=pooled", "model.stem_channels=[4,8,16,32]"])
-    assert out["config"]["pretrain_epochs"] == 1  # the smoke run caps it
+                         "--threads", "1", "--pretrain-epochs", "0", "--csf-contrast", "0"])
     run = out["results"]["T1"]["runs"][0]
-    assert run["pretrain_s"] > 0 and set(out["results"]["T1"]["tasks"]) == {"age", "sex"}
+    assert run["pretrain_s"] == 0 and "tower_alone" not in run
+    assert set(out["results"]["T1"]["tasks"]) == {"age", "sex"}
+    truth = json.loads((tmp_path / "realistic_40_4mm" / "cohort" / "truth.json").read_text())
+    assert "T1_csf_contrast" not in truth["planted"]["nuisance"]
     cfg = load_config(Path(run["run_dir"]) / "config.yaml")
-    assert (cfg.model.train_embeddings, cfg.model.train_vision) == ("frozen", "frozen")
-    tower = load_file(str(Path(cfg.model.vision_init) / "vision_tower.safetensors"))
-    model = load_file(str(Path(run["run_dir"]) / "model" / "model.safetensors"))
-    stem = "embeddings.T1.stem.0.conv.weight"
-    assert torch.equal(model[f"model.vision_tower.{stem}"], tower[stem])
+    assert cfg.model.patch_embed == "linear" and cfg.model.vision_init is None
+    assert cfg.model.train_embeddings == "full" and cfg.dataset.T1.augment
+    ranges = cfg.dataset.T1.augment_ranges  # the measured setting: flips, +-5 deg, +-2 voxels
+    assert (ranges.flip_prob, ranges.rotate_deg, ranges.translate_vox, ranges.scale,
+            ranges.intensity) == (0.5, 5, 2, 0, 0)
 
 
 def test_cnn_probe_trains_the_stem_on_age_and_scores_the_test_split(tmp_path, capsys):

@@ -103,6 +103,41 @@ def test_pretrain_writes_the_tower_its_description_and_keeps_the_best_epoch(pret
     assert any("kept epoch" in line for line in pretrained["log"])
 
 
+def test_the_folder_scores_records_as_its_kept_epoch_validated_them(pretrained, task_records,
+                                                                     tmp_path):
+    """score(): the saved tower and heads, read back, answer the validation split exactly as the
+    kept epoch did during training (pretrain.json), and any other split with a bootstrap CI."""
+    import shutil
+
+    from umbrella.data.catalog import by_split, load_config_records
+    from umbrella.training.pretrain import HEADS_FILE, INFO_FILE, score
+
+    folder = pretrained["folder"]
+    info = json.loads((folder / INFO_FILE).read_text())
+    kept = info["epochs"][info["kept_epoch"] - 1]["val"]["tasks"]
+    records = by_split(load_config_records(pretrained["cfg"]))
+    got = score(folder, records["val"], resamples=200)
+    assert set(got) == set(kept) == {"T1__age", "T1__sex"}
+    for key, entry in got.items():
+        name = "mae" if entry["task"] == "age" else "accuracy"
+        assert entry["n"] == kept[key]["n"]
+        assert entry[name] == pytest.approx(kept[key][name], abs=1e-5)
+        assert entry["ci"][0] <= entry[name] <= entry["ci"][1]
+    good = by_split(load_config_records(dataclasses.replace(
+        pretrained["cfg"], dataset=dataclasses.replace(
+            pretrained["cfg"].dataset, T1=dataclasses.replace(
+                pretrained["cfg"].dataset.T1, records=[str(f) for f in task_records["files"]])))))
+    test = score(folder, good["test"], resamples=200)
+    assert test["T1__sex"]["n"] == len({r.subject_id for r in good["test"]}) > 0
+    copy = tmp_path / "tower"
+    shutil.copytree(folder, copy)
+    data = bytearray((copy / HEADS_FILE).read_bytes())
+    data[-1] ^= 1
+    (copy / HEADS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"{HEADS_FILE} is not the file"):
+        score(copy, records["val"])
+
+
 def test_the_vlm_starts_from_the_pretrained_tower_and_keeps_it_frozen(pretrained, tiny_cohort,
                                                                       task_records):
     from safetensors.torch import load_file

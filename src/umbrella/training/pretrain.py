@@ -21,9 +21,14 @@ SHA-256, so a tower and a description of another run never pair)::
 
     <pretrain.output_dir>/        default <training.output_dir>/pretrain__<preset>__<hash>/seed_<n>
         vision_tower.safetensors  the tower's weights and buffers (BrainViTModel state dict)
+        heads.safetensors         the kept epoch's linear heads (``<modality>__<task>.*``)
         pretrain.json             the tower's config, the heads' tasks, every epoch's validation
-                                  loss and metrics, the kept epoch, split sizes, seconds
+                                  loss and metrics, the kept epoch, split sizes, seconds, the
+                                  SHA-256 of both weight files
         config.yaml               the resolved config
+
+:func:`score` reads a folder back (:func:`load_pretrained`) and scores the tower's own heads on
+any records (e.g. a held-out split, from a benchmark): what the first stage alone reaches.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from umbrella.errors import ConfigError, ModelError, RecordError
 from umbrella.io import atomic_write_bytes, atomic_write_json
 from umbrella.task_registry import task_for_record
 
-TOWER_FILE, INFO_FILE = "vision_tower.safetensors", "pretrain.json"
+TOWER_FILE, HEADS_FILE, INFO_FILE = ("vision_tower.safetensors", "heads.safetensors",
+                                     "pretrain.json")
 
 
 @dataclass
@@ -151,12 +157,12 @@ class TowerWithHeads(nn.Module):
                 if self.specs[key].modality == modality}
 
 
-def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
-               ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
-    """Sum over the batch's tasks of each task's mean loss over the images that answer it; also
-    {task key: (sum of the unit errors, count)}: absolute error in the task's unit for
-    regression, 0/1 errors for classification."""
-    total, errors = None, {}
+def task_losses(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{task key: (mean loss over the images that answer it, each such image's unit error)}:
+    squared error of the standardised value / absolute error in the task's unit for
+    regression, cross-entropy / 0-1 error for classification."""
+    out_losses = {}
     for key, out in outputs.items():
         h = specs[key]
         rows = [i for i, t in enumerate(targets) if h.task in t]
@@ -167,14 +173,22 @@ def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets
             y = torch.tensor([float(targets[i][h.task]) for i in rows], dtype=out.dtype)
             pred = out.squeeze(1)
             loss = nn.functional.mse_loss(pred, (y - h.mean) / h.sd)
-            err = float((pred.detach() * h.sd + h.mean - y).abs().sum())
+            err = (pred.detach() * h.sd + h.mean - y).abs()
         else:
             y = torch.tensor([h.options.index(targets[i][h.task]) for i in rows])
             loss = nn.functional.cross_entropy(out, y)
-            err = float((out.detach().argmax(1) != y).sum())
-        errors[key] = (err, len(rows))
-        total = loss if total is None else total + loss
-    return total, errors
+            err = (out.detach().argmax(1) != y).float()
+        out_losses[key] = (loss, err)
+    return out_losses
+
+
+def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
+               ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    """Sum over the batch's tasks of each task's mean loss over the images that answer it; also
+    {task key: (sum of the unit errors, count)}."""
+    per_task = task_losses(outputs, specs, targets)
+    total = sum(loss for loss, _ in per_task.values()) if per_task else None
+    return total, {key: (float(err.sum()), len(err)) for key, (_, err) in per_task.items()}
 
 
 class _Images(Dataset):
@@ -220,6 +234,22 @@ def _check(cfg: UmbrellaConfig) -> None:
                         "unset model.base")
     if problems:
         raise ConfigError(problems)
+
+
+def _image_kwargs(cfg: UmbrellaConfig) -> dict:
+    """How an images-only InstructionDataset of this config reads its images."""
+    cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
+    return dict(encoder=None, inputs=modality_inputs(cfg), seed=cfg.training.seed,
+                memoize=cfg.dataset.memoize, cache=cache)
+
+
+def _eval_loader(items: list[Item], cfg: UmbrellaConfig) -> DataLoader:
+    """Every item once, unaugmented (rsfMRI: the first window), in batches of one modality."""
+    images = InstructionDataset([it.record for it in items], windows="first", **_image_kwargs(cfg))
+    sampler = ModalityBatchSampler([it.modality for it in items], cfg.pretrain.batch_size,
+                                   mixing="round_robin", seed=cfg.training.seed)
+    return DataLoader(_Images(items, images), batch_sampler=sampler, collate_fn=_collate,
+                      num_workers=cfg.training.num_workers)
 
 
 def _evaluate(net: TowerWithHeads, loader: DataLoader) -> dict:
@@ -279,24 +309,15 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
-    inputs = modality_inputs(cfg)
     augment = {m: augmenter(m, s) for m, s in cfg.dataset.enabled().items() if s.augment}
-    cache = PreprocessCache(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None
-    common = dict(encoder=None, inputs=inputs, seed=seed, memoize=cfg.dataset.memoize, cache=cache)
     train_images = InstructionDataset([it.record for it in train_items], augment=augment,
-                                      windows="random", **common)
+                                      windows="random", **_image_kwargs(cfg))
     sampler = ModalityBatchSampler([it.modality for it in train_items], p.batch_size,
                                    mixing=cfg.dataset.mixing, temperature=cfg.dataset.temperature,
                                    seed=seed)
-    loader_kw = dict(collate_fn=_collate, num_workers=cfg.training.num_workers)
-    train_loader = DataLoader(_Images(train_items, train_images), batch_sampler=sampler, **loader_kw)
-    val_loader = None
-    if val_items:
-        val_images = InstructionDataset([it.record for it in val_items], windows="first", **common)
-        val_sampler = ModalityBatchSampler([it.modality for it in val_items], p.batch_size,
-                                           mixing="round_robin", seed=seed)
-        val_loader = DataLoader(_Images(val_items, val_images), batch_sampler=val_sampler,
-                                **loader_kw)
+    train_loader = DataLoader(_Images(train_items, train_images), batch_sampler=sampler,
+                              collate_fn=_collate, num_workers=cfg.training.num_workers)
+    val_loader = _eval_loader(val_items, cfg) if val_items else None
 
     torch.manual_seed(seed)
     tower = BrainViTModel(vision_config(cfg.model, model_geometry(cfg)))
@@ -333,15 +354,19 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
                 f"({entry['seconds']:.0f} s)")
         history.append(entry)
         if not (select and best and entry["val"]["loss"] >= best["val"]["loss"]):
-            best, best_state = entry, copy.deepcopy(net.tower.state_dict())
+            best, best_state = entry, copy.deepcopy(net.state_dict())
     bar.close()
 
-    data = save({k: v.detach().contiguous() for k, v in best_state.items()},
-                metadata={"format": "pt"})
-    atomic_write_bytes(out / TOWER_FILE, data)
+    files = {}
+    for name, prefix in ((TOWER_FILE, "tower."), (HEADS_FILE, "heads.")):
+        files[name] = save({k[len(prefix):]: v.detach().contiguous()
+                            for k, v in best_state.items() if k.startswith(prefix)},
+                           metadata={"format": "pt"})
+        atomic_write_bytes(out / name, files[name])
     save_config(cfg, out / "config.yaml")
     info = {"vision_config": _tower_signature(tower.config),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": hashlib.sha256(files[TOWER_FILE]).hexdigest(),
+            "heads_sha256": hashlib.sha256(files[HEADS_FILE]).hexdigest(),
             "heads": [h.__dict__ for h in heads], "epochs": history,
             "kept_epoch": best["epoch"], "encoder_layers": p.encoder_layers,
             "selection": "val_loss" if select else "last",
@@ -377,14 +402,7 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
 
     folder = Path(folder)
     key = f"model.vision_init={str(folder)!r}"
-    if not (folder / INFO_FILE).is_file() or not (folder / TOWER_FILE).is_file():
-        raise ConfigError(f"{key}: {folder} holds no {INFO_FILE} and {TOWER_FILE}; point at the "
-                          "folder `umbrella pretrain` printed")
-    info = json.loads((folder / INFO_FILE).read_text())
-    data = (folder / TOWER_FILE).read_bytes()  # read once: hashed, then loaded
-    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
-        raise ConfigError(f"{key}: {TOWER_FILE} is not the file {INFO_FILE} describes (its "
-                          "SHA-256 differs); run `umbrella pretrain` again into this folder")
+    info, data = _read_folder(folder, key, TOWER_FILE)
     saved, mine = info["vision_config"], _tower_signature(tower.config)
     problems = [f"{key}: the pretrained tower has {k}={saved[k]}, this config's {mine[k]}"
                 for k in mine if k != "modalities" and saved[k] != mine[k]]
@@ -402,7 +420,7 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
         raise ConfigError(problems)
     fresh = [m for m in mine["modalities"] if m not in shared]
     skipped = [m for m in saved["modalities"] if m not in mine["modalities"]]
-    state = {k: v for k, v in load(data).items()
+    state = {k: v for k, v in load(data[TOWER_FILE]).items()
              if not any(k.startswith(f"embeddings.{m}.") for m in skipped)}
     missing, unexpected = tower.load_state_dict(state, strict=False)
     allowed = tuple(f"embeddings.{m}." for m in fresh)
@@ -414,3 +432,73 @@ def load_vision_init(tower, folder: str | Path, log=print) -> dict:
         f"{', '.join(shared)}" + (f"; fresh: {', '.join(fresh)}" if fresh else "")
         + (f"; not in this model: {', '.join(skipped)}" if skipped else "") + ")")
     return {"loaded": shared, "fresh": fresh, "skipped": skipped}
+
+
+_SHA_KEYS = {TOWER_FILE: "sha256", HEADS_FILE: "heads_sha256"}
+
+
+def _read_folder(folder: Path, key: str, *names: str) -> tuple[dict, dict[str, bytes]]:
+    """pretrain.json and the named weight files of a pretrain folder, each file read once and
+    checked against the SHA-256 the JSON holds; ConfigError (naming ``key``) otherwise."""
+    missing = [n for n in (INFO_FILE, *names) if not (folder / n).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: {folder} holds no {' / '.join(missing)}; point at a folder "
+                          "written by `umbrella pretrain` (it prints the folder)")
+    info = json.loads((folder / INFO_FILE).read_text())
+    data = {n: (folder / n).read_bytes() for n in names}
+    for n, blob in data.items():
+        if hashlib.sha256(blob).hexdigest() != info.get(_SHA_KEYS[n]):
+            raise ConfigError(f"{key}: {n} is not the file {INFO_FILE} describes (its SHA-256 "
+                              "differs); run `umbrella pretrain` again into this folder")
+    return info, data
+
+
+def load_pretrained(folder: str | Path) -> tuple[TowerWithHeads, UmbrellaConfig]:
+    """The tower and heads a :func:`pretrain` folder holds (its config.yaml rebuilds them), in
+    evaluation mode, with the config."""
+    from safetensors.torch import load
+
+    from umbrella.config import load_config
+    from umbrella.model.build import vision_config
+    from umbrella.model.modeling_brain_vit import BrainViTModel
+
+    folder = Path(folder)
+    info, data = _read_folder(folder, f"pretrain folder {str(folder)!r}", TOWER_FILE, HEADS_FILE)
+    cfg = load_config(folder / "config.yaml")
+    net = TowerWithHeads(BrainViTModel(vision_config(cfg.model, model_geometry(cfg))),
+                         [Head(**h) for h in info["heads"]], cfg.pretrain.head_dropout,
+                         info["encoder_layers"])
+    net.tower.load_state_dict(load(data[TOWER_FILE]))
+    net.heads.load_state_dict(load(data[HEADS_FILE]))
+    return net.eval(), cfg
+
+
+def score(folder: str | Path, records: list[Record], *, seed: int = 0, resamples: int = 1000,
+          progress: bool = False) -> dict[str, dict]:
+    """The first stage alone: a :func:`pretrain` folder's tower and heads answer ``records``
+    (one-image classification / regression questions of the heads' tasks; others are ignored).
+    Per head key: task, modality, n (images), ``mae`` or ``accuracy`` and its 95% percentile
+    bootstrap interval over images (``ci``)."""
+    from umbrella.evaluation.metrics import bootstrap_ci
+
+    net, cfg = load_pretrained(folder)
+    items = [it for it in collect_items(records)[0]
+             if any(f"{it.modality}__{t}" in net.specs for t in it.targets)]
+    errors: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for modality, pixels, targets in tqdm(_eval_loader(items, cfg) if items else [],
+                                              desc="score", disable=not progress):
+            for key, (_, err) in task_losses(net(pixels, modality), net.specs, targets).items():
+                errors.setdefault(key, []).append(err)
+    out = {}
+    for key, parts in errors.items():
+        e, h = torch.cat(parts).double().numpy(), net.specs[key]
+        name = "mae" if h.kind == "regression" else "accuracy"
+
+        def stat(rows, e=e, name=name):  # mean absolute error, or 1 - the mean 0/1 error
+            mean = float(e[rows].mean())
+            return {name: mean if name == "mae" else 1.0 - mean}
+
+        out[key] = {"task": h.task, "modality": h.modality, "n": len(e), **stat(slice(None)),
+                    "ci": bootstrap_ci(stat, len(e), resamples=resamples, seed=seed)[name]}
+    return out
