@@ -3,6 +3,10 @@
 Each benchmark prints its JSON line and table as it finishes; the last JSON line
 (``"benchmark": "run_all"``) collects every target with its value and whether it was met.
 
+``learning`` (issue 10's targets: the VLM against the classical reference, T1 and rsfMRI, 3 seeds)
+takes about 80 of the ~95 minutes on 2 cores; ``--quick`` trains one seed of it, ``--only``
+leaves it out.
+
 Usage: python -m benchmarks.run_all [--quick | --smoke] [--reps N] [--only data_path,train_step]
                                     [--no-demo]
 """
@@ -20,7 +24,9 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-BENCHMARKS = ("data_path", "loader_memory", "train_step", "collate_sampler", "patch_embed")
+BENCHMARKS = ("data_path", "loader_memory", "train_step", "collate_sampler", "patch_embed",
+              "learning")
+EXTRA = {"learning": ["--part", "T1,rsfMRI"]}  # both parts of issue 10's targets
 
 
 def run_one(name: str, args: list[str]) -> dict:
@@ -67,6 +73,7 @@ def main(argv=None) -> dict:
     started, payloads = time.perf_counter(), []
     for name in chosen:
         extra = ["--no-demo"] if name in ("train_step", "patch_embed") and args.no_demo else []
+        extra += EXTRA.get(name, [])
         payloads.append(run_one(name, shared + extra))
     targets, rows = summarize(payloads)
     config = {"mode": opts.mode, "reps": opts.reps, "benchmarks": chosen,

@@ -213,16 +213,24 @@ def test_learning_in_one_stage_without_contrast(tmp_path):
 
 
 def test_cnn_probe_trains_the_stem_on_age_and_scores_the_test_split(tmp_path, capsys):
-    """The stem-alone diagnostic on a 60-subject realistic cohort, 2 epochs: the kept epoch's
-    test MAE with its CI over the cohort's test split."""
+    """The stem-alone diagnostic on a 60-subject realistic cohort, 2 epochs of `umbrella
+    pretrain` (age only, heads on the patch embeddings): the kept epoch's test MAE with its CI
+    over the cohort's test split."""
     from benchmarks import cnn_probe
+
+    from umbrella.config import load_config
 
     out = cnn_probe.main(["--smoke", "--workdir", str(tmp_path)])
     run = out["per_seed"][0]
-    records = (tmp_path / "realistic_60_4mm" / "records" / "age_T1.jsonl").read_text().splitlines()
-    assert run["n_test"] == sum('"split": "test"' in r for r in records) > 0
+    records = (tmp_path / "realistic_60_4mm_csf0.1" / "records" / "age_T1.jsonl").read_text()
+    assert run["n_test"] == sum('"split": "test"' in r for r in records.splitlines()) > 0
     assert 1 <= run["epoch"] <= 2 and run["ci"][0] <= run["test"] <= run["ci"][1]
     assert out["mean"] == run["test"] and out["style"] == "pooled"
+    info = json.loads((Path(run["folder"]) / "pretrain.json").read_text())
+    assert [h["task"] for h in info["heads"]] == ["age"] and info["encoder_layers"] is False
+    cfg = load_config(Path(run["folder"]) / "config.yaml")
+    assert (cfg.model.patch_embed, cfg.model.stem_style, cfg.model.center_inputs) == \
+        ("conv", "pooled", False)
     assert "cnn_probe seed 0: test age MAE" in capsys.readouterr().out
 
 
