@@ -55,6 +55,7 @@ from umbrella.evaluation.summary import summarise as summarise_rows
 from umbrella.io import atomic_write_json, atomic_write_jsonl
 from umbrella.model.answering import generate_answers, numeric_answer_processor, score_options
 from umbrella.model.build import load_brain_llava
+from umbrella.runtime import retain_freed_memory
 from umbrella.task_registry import TaskSpec, task_for_record
 
 SCORINGS = ("likelihood", "generate")
@@ -280,6 +281,7 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                           f"{', '.join(METHODS)}")
     if not records:
         raise ConfigError(f"no records to evaluate in split {split!r}; pick another split")
+    retain_freed_memory()
     specs = {r.task: record_task(r) for r in records}
     for rec in records:  # every reference must parse before any compute is spent
         reference(rec, record_task(rec))

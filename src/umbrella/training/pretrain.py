@@ -58,6 +58,7 @@ from umbrella.data.records import Record
 from umbrella.data.sampling import ModalityBatchSampler
 from umbrella.errors import ConfigError, ModelError, RecordError
 from umbrella.io import atomic_write_bytes, atomic_write_json
+from umbrella.runtime import retain_freed_memory
 from umbrella.task_registry import task_for_record
 
 TOWER_FILE, HEADS_FILE, INFO_FILE = ("vision_tower.safetensors", "heads.safetensors",
@@ -289,6 +290,7 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
     from umbrella.training.run import augmenter, environment
 
     _check(cfg)
+    retain_freed_memory()
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
     p, seed = cfg.pretrain, cfg.training.seed

@@ -47,6 +47,7 @@ from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
+from umbrella.runtime import retain_freed_memory
 from umbrella.task_registry import TASKS
 from umbrella.tasks.known import save_tasks
 from umbrella.training.best import KeepBest, resolve_criterion, whole_weights
@@ -92,6 +93,7 @@ def environment() -> dict:
             "python": platform.python_version(), "umbrella": umbrella.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+            "retain_freed_memory": retain_freed_memory(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -290,6 +292,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     """Train BrainLlava on the configured records; returns where the run and the model are."""
     start = time.time()
     check_devices()
+    retain_freed_memory()
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
     set_seed(cfg.training.seed)
