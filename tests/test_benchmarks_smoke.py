@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    allocator,
     collate_sampler,
     common,
     data_path,
@@ -234,9 +235,21 @@ def test_cnn_probe_trains_the_stem_on_age_and_scores_the_test_split(tmp_path, ca
     assert "cnn_probe seed 0: test age MAE" in capsys.readouterr().out
 
 
+def test_allocator_compares_kept_with_returned_memory(opts, payloads, capsys):
+    out = allocator.main(["--smoke", "--quiet", "--threads", "1"])
+    payloads.append(_json_line(capsys))
+    res = out["results"]
+    assert set(res["medians"]) == {"returned", "kept"} and res["speedup_kept_vs_returned"] > 0
+    from umbrella.runtime import retain_freed_memory
+
+    assert [r["kept"] for r in res["runs"]["returned"]] == [False]
+    assert res["kept_in_effect"] == retain_freed_memory()  # True wherever malloc is glibc's
+
+
 def test_run_all_collects_every_target(payloads):
     targets, rows = run_all.summarize(payloads)
     assert {"data_path.rsfmri_cache_vs_decode_at_least_20x", "loader_memory.rss_growth_below_50mb",
-            "train_step.default_budget_at_least_4x_faster_per_sample"} <= set(targets)
+            "train_step.default_budget_at_least_4x_faster_per_sample",
+            "allocator.kept_at_least_1.1x_faster"} <= set(targets)
     assert len(rows) == len(targets)
     assert all(isinstance(t["met"], bool) for t in targets.values())
