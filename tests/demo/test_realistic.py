@@ -423,6 +423,28 @@ def test_cohort_with_csf_contrast_records_it_and_differs_only_in_t1(tmp_path):
                                   nib.load(plain.root / plain.subjects[0].t1_path).get_fdata())
 
 
+def test_csf_contrast_leaves_the_rsfmri_runs_as_they_were(tmp_path):
+    """The contrast acts on T1 only, from its own seed stream: a cohort's rsfMRI runs are the
+    same with and without it (the learning benchmark's rsfMRI part relies on this)."""
+    kw = dict(SMALL, modalities=("T1", "rsfMRI"), variant="realistic")
+    plain = build_demo_cohort(tmp_path / "plain", 4, **kw)
+    varied = build_demo_cohort(tmp_path / "varied", 4, csf_contrast=0.1, **kw)
+    files = sorted(p.relative_to(plain.root) for p in (plain.root / "rsfmri").rglob("*")
+                   if p.is_file())
+    assert files == sorted(p.relative_to(varied.root) for p in (varied.root / "rsfmri").rglob("*")
+                           if p.is_file())
+    assert len(files) >= 4  # 3 runs and a frame folder
+    for rel in files:
+        if rel.name.endswith((".nii", ".nii.gz")):
+            np.testing.assert_array_equal(nib.load(plain.root / rel).get_fdata(),
+                                          nib.load(varied.root / rel).get_fdata())
+        else:
+            assert (plain.root / rel).read_bytes() == (varied.root / rel).read_bytes(), rel
+    assert any(not np.array_equal(nib.load(plain.root / s.t1_path).get_fdata(),
+                                  nib.load(varied.root / s.t1_path).get_fdata())
+               for s in plain.subjects)
+
+
 def test_rsfmri_anatomy_does_not_depend_on_sex():
     male, female = (R.subject_latents(11, 4, s, 62) for s in ("male", "female"))
     assert male.rsfmri_scale == female.rsfmri_scale and male.brain_age == female.brain_age
