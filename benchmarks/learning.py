@@ -161,15 +161,15 @@ def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablat
 
     pretrain_s, first, tower = 0.0, [], None
     if pretrain_epochs and part == "T1":
+        stage = [*TWO_STAGE_SETTINGS, *PRETRAIN_SETTINGS]  # both stages' settings
         tower = run_root / part / f"pretrain_seed{seed}"
         start = time.time()
         pretrain(_part_config(plan, part, seed, run_root,
-                              [*TWO_STAGE_SETTINGS, *PRETRAIN_SETTINGS,
-                               f"pretrain.epochs={pretrain_epochs}",
+                              [*stage, f"pretrain.epochs={pretrain_epochs}",
                                f"pretrain.output_dir={tower}", *extra]),
                  progress=not quiet, log=_quiet if quiet else print)
         pretrain_s = time.time() - start
-        first = [*TWO_STAGE_SETTINGS, *PRETRAIN_SETTINGS, f"model.vision_init={tower}"]
+        first = [*stage, f"model.vision_init={tower}"]
     cfg = _part_config(plan, part, seed, run_root, first + extra)
     start = time.time()
     trained = train(cfg, progress=not quiet)

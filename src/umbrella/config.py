@@ -317,7 +317,7 @@ def _check_leaf(path: str, value: Any) -> str | None:
         low, inclusive, high = _BOUNDS[name]
         above = float(value) >= low if inclusive else float(value) > low
         if not above or (high is not None and not float(value) < high):
-            rule = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high else "")
+            rule = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
             return f"bad value for '{path}': {value!r}; it must be {rule}"
     return None
 

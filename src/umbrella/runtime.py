@@ -39,3 +39,8 @@ def retain_freed_memory() -> bool:
             _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD,
                                                                       _TRIM_BYTES))
     return bool(_applied)
+
+
+def retaining() -> bool:
+    """Whether :func:`retain_freed_memory` is in effect in this process (reports, sets nothing)."""
+    return bool(_applied)

@@ -184,12 +184,10 @@ def task_losses(outputs: dict[str, torch.Tensor], specs: dict[str, Head], target
 
 
 def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
-               ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
-    """Sum over the batch's tasks of each task's mean loss over the images that answer it; also
-    {task key: (sum of the unit errors, count)}."""
+               ) -> torch.Tensor | None:
+    """Sum over the batch's tasks of each task's mean loss over the images that answer it."""
     per_task = task_losses(outputs, specs, targets)
-    total = sum(loss for loss, _ in per_task.values()) if per_task else None
-    return total, {key: (float(err.sum()), len(err)) for key, (_, err) in per_task.items()}
+    return sum(loss for loss, _ in per_task.values()) if per_task else None
 
 
 class _Images(Dataset):
@@ -253,25 +251,33 @@ def _eval_loader(items: list[Item], cfg: UmbrellaConfig) -> DataLoader:
                       num_workers=cfg.training.num_workers)
 
 
-def _evaluate(net: TowerWithHeads, loader: DataLoader) -> dict:
-    """Validation loss (mean over batches) and per task: MAE (regression) or accuracy."""
+def _errors(net: TowerWithHeads, loader) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Every batch through the net in evaluation mode, without gradients: each batch's loss and,
+    per task key, every image's unit error (absolute error / 0-1 error). Leaves the net's mode."""
+    training, losses, errors = net.training, [], {}
     net.eval()
-    losses, sums = [], {}
     with torch.no_grad():
         for modality, pixels, targets in loader:
-            loss, errors = batch_loss(net(pixels, modality), net.specs, targets)
-            if loss is not None:
-                losses.append(float(loss))
-            for key, (err, n) in errors.items():
-                e, c = sums.get(key, (0.0, 0))
-                sums[key] = (e + err, c + n)
-    net.train()
-    metrics = {}
-    for key, (err, n) in sums.items():
-        h = net.specs[key]
-        metrics[key] = ({"mae": err / n} if h.kind == "regression" else {"accuracy": 1 - err / n})
-        metrics[key]["n"] = n
-    return {"loss": float(np.mean(losses)) if losses else math.nan, "tasks": metrics}
+            per_task = task_losses(net(pixels, modality), net.specs, targets)
+            if per_task:
+                losses.append(float(sum(loss for loss, _ in per_task.values())))
+            for key, (_, err) in per_task.items():
+                errors.setdefault(key, []).append(err)
+    net.train(training)
+    return losses, {k: torch.cat(v).double().numpy() for k, v in errors.items()}
+
+
+def _metric(head: Head, errors: np.ndarray) -> dict[str, float]:
+    """MAE (regression) or accuracy (classification) of a task's unit errors."""
+    mean = float(errors.mean())
+    return {"mae": mean} if head.kind == "regression" else {"accuracy": 1.0 - mean}
+
+
+def _evaluate(net: TowerWithHeads, loader: DataLoader) -> dict:
+    """Validation loss (mean over batches) and per task: MAE (regression) or accuracy, n."""
+    losses, errors = _errors(net, loader)
+    return {"loss": float(np.mean(losses)) if losses else math.nan,
+            "tasks": {k: {**_metric(net.specs[k], e), "n": len(e)} for k, e in errors.items()}}
 
 
 def _describe(metrics: dict) -> str:
@@ -340,7 +346,7 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
         sampler.set_epoch(epoch)
         running = []
         for modality, pixels, targets in train_loader:
-            loss, _ = batch_loss(net(pixels, modality), net.specs, targets)
+            loss = batch_loss(net(pixels, modality), net.specs, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -486,21 +492,13 @@ def score(folder: str | Path, records: list[Record], *, seed: int = 0, resamples
     net, cfg = load_pretrained(folder)
     items = [it for it in collect_items(records)[0]
              if any(f"{it.modality}__{t}" in net.specs for t in it.targets)]
-    errors: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for modality, pixels, targets in tqdm(_eval_loader(items, cfg) if items else [],
-                                              desc="score", disable=not progress):
-            for key, (_, err) in task_losses(net(pixels, modality), net.specs, targets).items():
-                errors.setdefault(key, []).append(err)
+    loader = _eval_loader(items, cfg) if items else []
+    _, errors = _errors(net, tqdm(loader, desc="score", disable=not progress))
     out = {}
-    for key, parts in errors.items():
-        e, h = torch.cat(parts).double().numpy(), net.specs[key]
+    for key, e in errors.items():
+        h = net.specs[key]
         name = "mae" if h.kind == "regression" else "accuracy"
-
-        def stat(rows, e=e, name=name):  # mean absolute error, or 1 - the mean 0/1 error
-            mean = float(e[rows].mean())
-            return {name: mean if name == "mae" else 1.0 - mean}
-
-        out[key] = {"task": h.task, "modality": h.modality, "n": len(e), **stat(slice(None)),
-                    "ci": bootstrap_ci(stat, len(e), resamples=resamples, seed=seed)[name]}
+        out[key] = {"task": h.task, "modality": h.modality, "n": len(e), **_metric(h, e),
+                    "ci": bootstrap_ci(lambda rows, e=e, h=h: _metric(h, e[rows]), len(e),
+                                       resamples=resamples, seed=seed)[name]}
     return out

@@ -47,7 +47,7 @@ from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
 from umbrella.model.trainable import apply_trainable_policy, save_trained
-from umbrella.runtime import retain_freed_memory
+from umbrella.runtime import retain_freed_memory, retaining
 from umbrella.task_registry import TASKS
 from umbrella.tasks.known import save_tasks
 from umbrella.training.best import KeepBest, resolve_criterion, whole_weights
@@ -93,7 +93,7 @@ def environment() -> dict:
             "python": platform.python_version(), "umbrella": umbrella.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
-            "retain_freed_memory": retain_freed_memory(),
+            "retain_freed_memory": retaining(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
