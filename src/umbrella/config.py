@@ -136,6 +136,10 @@ class ModelConfig:
     # before the patch embedding, and scale the deviations to unit size (PopulationCentering);
     # without it the tiny preset learned neither sex nor age on the realistic cohort
     center_inputs: bool = True
+    # MiB of RAM for the outputs of patch embeddings that cannot change (frozen over a pretrained
+    # tower, or any at evaluation), keyed by the input image's content: each distinct image (and
+    # flipped copy) is embedded once, not at every step (0: off; not saved with the model)
+    embedding_cache_mb: int = 1024
 
 
 @dataclass
@@ -240,7 +244,8 @@ class UmbrellaConfig:
 _BOUNDS = {"vision_learning_rate": (0.0, False, None), "learning_rate": (0.0, False, None),
            "batch_size": (1, True, None), "weight_decay": (0.0, True, None),
            "numeric_ev_loss": (0.0, True, None), "numeric_label_smoothing": (0.0, True, None),
-           "epochs": (1, True, None), "head_dropout": (0.0, True, 1.0)}
+           "epochs": (1, True, None), "head_dropout": (0.0, True, 1.0),
+           "embedding_cache_mb": (0, True, None)}
 
 _CHOICES = {
     "spatial": ("crop_pad", "resize"),

@@ -34,6 +34,7 @@ from umbrella.geometry import (
     token_grid,
 )
 from umbrella.model.configuration_brain_vit import BrainViTConfig
+from umbrella.model.modeling_brain_vit import enable_output_cache
 
 
 @dataclass(frozen=True)
@@ -275,8 +276,11 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
-def load_brain_llava(path: str | Path, device: str | torch.device = "cpu"):
-    """Reload a saved BrainLlava (safetensors) and its tokenizer from ``path``."""
+def load_brain_llava(path: str | Path, device: str | torch.device = "cpu",
+                     embedding_cache_mb: float = ModelConfig.embedding_cache_mb):
+    """Reload a saved BrainLlava (safetensors) and its tokenizer from ``path``, in evaluation
+    mode, its patch embeddings' outputs memoised per input image (``embedding_cache_mb``, 0:
+    off; :class:`umbrella.model.modeling_brain_vit.OutputCache`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -285,5 +289,6 @@ def load_brain_llava(path: str | Path, device: str | torch.device = "cpu"):
                          "model/ folder or the run folder")
     model = BrainLlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).to(device)
     model.eval()
+    enable_output_cache(model, embedding_cache_mb)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

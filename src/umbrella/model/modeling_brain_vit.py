@@ -30,7 +30,9 @@ conv-stem ViT does; norms start at 1 / 0.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -124,6 +126,57 @@ class PopulationCentering(nn.Module):
         return (x.float() - mean) / scale  # float32; the patch embedding casts it once
 
 
+class OutputCache:
+    """A bounded memo of a module's per-image outputs, keyed by the input image's bytes.
+
+    For a patch embedding whose output is a fixed function of its input: frozen weights in
+    evaluation mode (``model.train_embeddings=frozen`` over a pretrained tower), or any embedding
+    under ``torch.no_grad`` in evaluation. Each distinct input (an image, its flipped copy) is then
+    embedded once per run instead of at every step. Keys are SHA-1 digests of each image's bytes
+    with its shape, dtype and the compute dtype; entries are dropped least-recently-used beyond
+    ``max_bytes``, and all of them when a weight or buffer of the module changes (tensor version
+    counters) or it returns to training mode.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes, self.hits, self.misses, self.state = 0, 0, 0, None
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes, self.state = 0, None
+
+    def validate(self, module: nn.Module) -> None:
+        """Drops every entry when the module's weights or buffers changed since they were made."""
+        state = tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+        if state != self.state:
+            self.clear()
+            self.state = state
+
+    @staticmethod
+    def key(image: torch.Tensor, tag: str) -> bytes:
+        digest = hashlib.sha1(image.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        digest.update(f"{tuple(image.shape)}|{image.dtype}|{tag}".encode())
+        return digest.digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        out = self.entries.get(key)
+        if out is not None:
+            self.entries.move_to_end(key)
+        return out
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
 class BrainPatchEmbedding(nn.Module):
     """Patches -> (optional convolutional stem ->) projection + learned position table of this
     modality.
@@ -169,11 +222,21 @@ class BrainPatchEmbedding(nn.Module):
                        if spec.get("center") else None)
 
     frozen = False  # set by the trainable policy (model.train_embeddings=frozen)
+    output_cache: OutputCache | None = None  # set by enable_output_cache
 
     def train(self, mode: bool = True):
         """A frozen embedding stays in evaluation mode (stored BatchNorm and centering
         statistics) when the model around it trains."""
+        if mode and not self.frozen and self.output_cache is not None:
+            self.output_cache.clear()
         return super().train(mode and not self.frozen)
+
+    def _cacheable(self, pixel_values: torch.Tensor) -> bool:
+        """Whether the output is a fixed function of the input: evaluation mode, on the CPU, and
+        no gradient to the weights (frozen, or under no_grad)."""
+        return (self.output_cache is not None and not self.training
+                and pixel_values.device.type == "cpu"
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())))
 
     def _compute_dtype(self, pixel_values: torch.Tensor) -> torch.dtype:
         """The dtype the projection runs in: autocast's where it is on (float16 batches are cast
@@ -208,6 +271,25 @@ class BrainPatchEmbedding(nn.Module):
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match this "
                              f"modality's (B, {', '.join(map(str, expected))})")
+        if not self._cacheable(pixel_values):
+            return self._embed(pixel_values)
+        cache = self.output_cache
+        cache.validate(self)
+        tag = f"{self._compute_dtype(pixel_values)}|{torch.is_autocast_enabled('cpu')}"
+        keys = [cache.key(image, tag) for image in pixel_values]
+        rows = [cache.get(k) for k in keys]
+        todo = [i for i, row in enumerate(rows) if row is None]
+        cache.hits += len(rows) - len(todo)
+        cache.misses += len(todo)
+        if todo:
+            with torch.no_grad():
+                fresh = self._embed(pixel_values[todo])
+            for i, row in zip(todo, fresh, strict=True):
+                rows[i] = row.clone()  # not a view that would keep the whole batch alive
+                cache.put(keys[i], rows[i])
+        return torch.stack(rows)
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.center is not None:
             pixel_values = self.center(pixel_values)
         if self.connectivity is not None:
@@ -221,6 +303,23 @@ class BrainPatchEmbedding(nn.Module):
             x = self.stem(x)
         patches = self.proj(x).flatten(2).transpose(1, 2)  # (B * blocks, n, hidden)
         return patches.reshape(batch, -1, patches.shape[-1]) + self.position_embedding
+
+
+def enable_output_cache(model: nn.Module, megabytes: float) -> int:
+    """Gives every patch embedding of ``model`` an :class:`OutputCache` of ``megabytes`` MiB (0
+    removes them). Returns how many embeddings got one. The caches are not saved with the model."""
+    embeddings = [m for m in model.modules() if isinstance(m, BrainPatchEmbedding)]
+    for module in embeddings:
+        module.output_cache = OutputCache(megabytes * 2**20) if megabytes > 0 else None
+    return len(embeddings) if megabytes > 0 else 0
+
+
+def output_cache_counts(model: nn.Module) -> dict[str, int]:
+    """{"hits": n, "misses": n, "entries": n} summed over the model's patch embeddings' caches."""
+    caches = [m.output_cache for m in model.modules()
+              if isinstance(m, BrainPatchEmbedding) and m.output_cache is not None]
+    return {"hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches),
+            "entries": sum(len(c.entries) for c in caches)}
 
 
 class BrainViTPreTrainedModel(PreTrainedModel):

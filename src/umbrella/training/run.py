@@ -46,6 +46,7 @@ from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
 from umbrella.model.build import build_brain_llava, with_patch_embed
+from umbrella.model.modeling_brain_vit import enable_output_cache, output_cache_counts
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.runtime import retain_freed_memory, retaining
 from umbrella.task_registry import TASKS
@@ -189,6 +190,7 @@ def make_model(cfg: UmbrellaConfig, train_records):
     model = apply_trainable_policy(model, vision=m.train_vision, projector=m.train_projector,
                                    llm=m.train_llm, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
                                    lora_dropout=m.lora_dropout, embeddings=m.train_embeddings)
+    enable_output_cache(model, m.embedding_cache_mb)
     return model, tokenizer
 
 
@@ -340,6 +342,11 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             save_model(trainer.model, tokenizer, inputs, run_dir / "model")
             save_tasks(splits["train"], run_dir / "model")  # what `ask` / `serve` may be asked
             atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+            counts = output_cache_counts(trainer.model)
+            if counts["hits"]:
+                print(f"patch embeddings: {counts['hits']} images from the cache, "
+                      f"{counts['misses']} embedded ({counts['entries']} kept; "
+                      "model.embedding_cache_mb)", flush=True)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
                        best)
 
