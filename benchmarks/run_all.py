@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from benchmarks import common  # noqa: E402
 
 BENCHMARKS = ("data_path", "loader_memory", "train_step", "collate_sampler", "patch_embed",
-              "allocator", "learning")
+              "allocator", "embedding_cache", "learning")
 EXTRA = {"learning": ["--part", "T1,rsfMRI"]}  # both parts of issue 10's targets
 
 

@@ -21,6 +21,7 @@ from benchmarks import (  # noqa: E402
     collate_sampler,
     common,
     data_path,
+    embedding_cache,
     gpu_step,
     loader_memory,
     patch_embed,
@@ -246,10 +247,24 @@ def test_allocator_compares_kept_with_returned_memory(opts, payloads, capsys):
     assert res["kept_in_effect"] == retain_freed_memory()  # True wherever malloc is glibc's
 
 
+def test_embedding_cache_serves_repeated_images_only(payloads, capsys):
+    out = embedding_cache.main(["--smoke", "--quiet", "--threads", "1"])
+    payloads.append(_json_line(capsys))
+    res = out["results"]
+    counts = res["cache_counts"]
+    assert counts["no cache"] == {"hits": 0, "misses": 0, "entries": 0}
+    assert counts["all misses"]["hits"] == 0 and counts["all misses"]["misses"] > 0
+    # 1 warm-up + 1 timed step of 2 images drawn from 64 (with flips): each one hit or kept
+    cached = counts["cached"]
+    assert cached["hits"] + cached["misses"] == 2 * 2 and cached["entries"] == cached["misses"]
+    assert all(r > 0 for r in res["ratio_vs_no_cache"].values())
+
+
 def test_run_all_collects_every_target(payloads):
     targets, rows = run_all.summarize(payloads)
     assert {"data_path.rsfmri_cache_vs_decode_at_least_20x", "loader_memory.rss_growth_below_50mb",
             "train_step.default_budget_at_least_4x_faster_per_sample",
-            "allocator.kept_at_least_1.1x_faster"} <= set(targets)
+            "allocator.kept_at_least_1.1x_faster",
+            "embedding_cache.cached_at_least_1.5x_faster"} <= set(targets)
     assert len(rows) == len(targets)
     assert all(isinstance(t["met"], bool) for t in targets.values())

@@ -54,13 +54,26 @@ def test_a_frozen_embedding_embeds_each_distinct_image_once():
     first = emb(x)
     assert output_cache_counts(tower) == {"hits": 0, "misses": 3, "entries": 3}
     assert torch.allclose(first, _plain(emb, x), atol=1e-6)
-    # one image again, one flipped copy (a new input): one hit, one embedded
-    batch = torch.cat([x[1:2], x[0:1].flip(-1)])
+    # one image again, a flipped copy twice (a new input): two hits, one embedded
+    batch = torch.cat([x[1:2], x[0:1].flip(-1), x[0:1].flip(-1)])
     second = emb(batch)
-    assert output_cache_counts(tower) == {"hits": 1, "misses": 4, "entries": 4}
-    assert torch.equal(second[0], first[1])
+    assert output_cache_counts(tower) == {"hits": 2, "misses": 4, "entries": 4}
+    assert torch.equal(second[0], first[1]) and torch.equal(second[1], second[2])
     assert torch.allclose(second, _plain(emb, batch), atol=1e-6)
     assert not second.requires_grad
+
+
+def test_a_connectivity_embedding_is_cached_at_evaluation():
+    spec = {"image_size": [16, 16, 16, 6], "patch_size": [8, 8, 8, 6], "embed": "connectivity"}
+    torch.manual_seed(0)
+    tower = BrainViTModel(BrainViTConfig(hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, modalities={"rsfMRI": spec})).eval()
+    enable_output_cache(tower, 16)
+    x = torch.randn(2, 1, 16, 16, 16, 6)
+    with torch.no_grad():
+        first, second = tower.embeddings["rsfMRI"](x), tower.embeddings["rsfMRI"](x)
+    assert torch.equal(first, second)
+    assert output_cache_counts(tower) == {"hits": 2, "misses": 2, "entries": 2}
 
 
 def test_an_embedding_that_trains_is_never_served_from_the_cache():
@@ -103,6 +116,8 @@ def test_entries_beyond_the_budget_go_least_recently_used_first():
         cache.put(key, rows[key])
     assert cache.get(b"a") is not None  # "a" now the most recently used
     cache.put(b"d", rows[b"d"])
+    assert [*cache.entries] == [b"c", b"a", b"d"] and cache.bytes == 120
+    cache.put(b"d", rows[b"d"])  # the same key again: counted once
     assert [*cache.entries] == [b"c", b"a", b"d"] and cache.bytes == 120
     cache.put(b"big", torch.zeros(100))  # larger than the budget: not kept
     assert b"big" not in cache.entries

@@ -170,6 +170,8 @@ class OutputCache:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
+        if (old := self.entries.pop(key, None)) is not None:
+            self.bytes -= old.numel() * old.element_size()
         self.entries[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
@@ -244,7 +246,7 @@ class BrainPatchEmbedding(nn.Module):
         device = pixel_values.device.type
         if device == "cuda" and torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
-        return self.proj.weight.dtype
+        return (self.proj if self.proj is not None else self.connectivity).weight.dtype
 
     def _fold_time(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W, T) -> (B * T/pt, C * pt, D, H, W)."""
@@ -277,17 +279,17 @@ class BrainPatchEmbedding(nn.Module):
         cache.validate(self)
         tag = f"{self._compute_dtype(pixel_values)}|{torch.is_autocast_enabled('cpu')}"
         keys = [cache.key(image, tag) for image in pixel_values]
-        rows = [cache.get(k) for k in keys]
-        todo = [i for i, row in enumerate(rows) if row is None]
-        cache.hits += len(rows) - len(todo)
+        found = {k: row for k in set(keys) if (row := cache.get(k)) is not None}
+        todo = list({k: i for i, k in enumerate(keys) if k not in found}.items())  # distinct
+        cache.hits += len(keys) - len(todo)
         cache.misses += len(todo)
         if todo:
             with torch.no_grad():
-                fresh = self._embed(pixel_values[todo])
-            for i, row in zip(todo, fresh, strict=True):
-                rows[i] = row.clone()  # not a view that would keep the whole batch alive
-                cache.put(keys[i], rows[i])
-        return torch.stack(rows)
+                fresh = self._embed(pixel_values[[i for _, i in todo]])
+            for (key, _), row in zip(todo, fresh, strict=True):
+                found[key] = row.clone()  # not a view that would keep the whole batch alive
+                cache.put(key, found[key])
+        return torch.stack([found[k] for k in keys])
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.center is not None:
