@@ -136,9 +136,10 @@ class ModelConfig:
     # before the patch embedding, and scale the deviations to unit size (PopulationCentering);
     # without it the tiny preset learned neither sex nor age on the realistic cohort
     center_inputs: bool = True
-    # MiB of RAM for the outputs of patch embeddings that cannot change (frozen over a pretrained
-    # tower, or any at evaluation), keyed by the input image's content: each distinct image (and
-    # flipped copy) is embedded once, not at every step (0: off; not saved with the model)
+    # MiB of RAM (shared by the modalities) for the outputs of patch embeddings that cannot change
+    # (frozen over a pretrained tower, or any at evaluation), keyed by the input image's content:
+    # each distinct image (and flipped copy) is embedded once, not at every step (0: off; not
+    # saved with the model)
     embedding_cache_mb: int = 1024
 
 

@@ -109,6 +109,16 @@ def test_the_cache_forgets_when_the_weights_change():
     assert torch.allclose(after, _plain(emb, x), atol=1e-6)
 
 
+def test_the_budget_is_shared_by_the_modalities():
+    modalities = {"T1": SPEC, "dMRI": {**SPEC, "embed": "linear"}}
+    tower = BrainViTModel(BrainViTConfig(hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, modalities=modalities))
+    assert enable_output_cache(tower, 8) == 2
+    assert [e.output_cache.max_bytes for e in tower.embeddings.values()] == [4 * 2**20] * 2
+    assert enable_output_cache(tower, 0) == 0
+    assert all(e.output_cache is None for e in tower.embeddings.values())
+
+
 def test_entries_beyond_the_budget_go_least_recently_used_first():
     cache = OutputCache(max_bytes=3 * 4 * 10)  # three float32 rows of 10
     rows = {k: torch.full((10,), float(i)) for i, k in enumerate([b"a", b"b", b"c", b"d"])}

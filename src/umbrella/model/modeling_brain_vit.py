@@ -308,11 +308,13 @@ class BrainPatchEmbedding(nn.Module):
 
 
 def enable_output_cache(model: nn.Module, megabytes: float) -> int:
-    """Gives every patch embedding of ``model`` an :class:`OutputCache` of ``megabytes`` MiB (0
-    removes them). Returns how many embeddings got one. The caches are not saved with the model."""
+    """Gives every patch embedding of ``model`` an :class:`OutputCache`, ``megabytes`` MiB shared
+    equally between them (0 removes them). Returns how many embeddings got one. The caches are
+    not saved with the model."""
     embeddings = [m for m in model.modules() if isinstance(m, BrainPatchEmbedding)]
     for module in embeddings:
-        module.output_cache = OutputCache(megabytes * 2**20) if megabytes > 0 else None
+        module.output_cache = (OutputCache(megabytes * 2**20 / len(embeddings))
+                               if megabytes > 0 else None)
     return len(embeddings) if megabytes > 0 else 0
 
 
