@@ -410,7 +410,17 @@ def test_cohort_with_csf_contrast_records_it_and_differs_only_in_t1(tmp_path):
     assert manifest["parameters"]["planted"]["nuisance"]["T1_csf_contrast"]["spread"] == 0.2
     truth = json.loads((varied.root / "truth.json").read_text())
     assert truth["planted"] == R.planted_parameters(0.2)
-    assert (varied.root / "planted.csv").read_text() == (plain.root / "planted.csv").read_text()
+    # planted.csv: the same hidden variables, plus each T1 scan's CSF factor
+    with (plain.root / "planted.csv").open(newline="") as fh:
+        plain_rows = list(csv.DictReader(fh))
+    with (varied.root / "planted.csv").open(newline="") as fh:
+        varied_rows = list(csv.DictReader(fh))
+    assert "T1_csf_factor" not in plain_rows[0]
+    factors = [float(r.pop("T1_csf_factor")) for r in varied_rows]
+    assert varied_rows == plain_rows
+    assert factors == pytest.approx([R.csf_contrast(manifest["parameters"]["seed"], i, 0.2)
+                                     for i in range(6)], abs=1e-6)
+    assert all(0.8 <= f <= 1.2 for f in factors) and len(set(factors)) == 6
     moved = [not np.array_equal(nib.load(plain.root / s.t1_path).get_fdata(),
                                 nib.load(varied.root / s.t1_path).get_fdata())
              for s in plain.subjects]

@@ -530,8 +530,11 @@ def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo:
     if realistic:
         from umbrella.demo import realistic as model
 
+        spread = _csf_contrast(params)
+        factors = ([model.csf_contrast(params["seed"], i, spread) for i in range(len(subjects))]
+                   if spread else None)
         atomic_write_text(root / model.PLANTED,
-                          model.planted_text(subjects, _latents(subjects, params["seed"])))
+                          model.planted_text(subjects, _latents(subjects, params["seed"]), factors))
         atomic_write_text(root / model.TRUTH,
                           json.dumps(model.truth(params["modalities"], _csf_contrast(params)),
                                      indent=2) + "\n")

@@ -70,7 +70,8 @@ writes) as int16 NIfTI with scl_slope. Frame-folder rsfMRI runs stay RAS (their 
 affine).
 
 The cohort root gets ``truth.json`` (the achievable score per task and modality, and every
-planted parameter) and ``planted.csv`` (each subject's hidden variables).
+planted parameter) and ``planted.csv`` (each subject's hidden variables; with scanner contrast, each
+T1 scan's CSF factor too).
 """
 
 from __future__ import annotations
@@ -315,15 +316,20 @@ def truth(modalities, csf_contrast: float = 0.0) -> dict:
             "planted": planted_parameters(csf_contrast)}
 
 
-def planted_text(subjects, latents) -> str:
-    """planted.csv: subject_id, sex, age and the subject's hidden variables."""
+def planted_text(subjects, latents, csf_factors=None) -> str:
+    """planted.csv: subject_id, sex, age and the subject's hidden variables; with
+    ``csf_factors`` (a cohort with scanner contrast) one more column, ``T1_csf_factor``: the
+    factor on the CSF level of each subject's T1 scan (:func:`csf_contrast`)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     names = list(asdict(latents[0])) if latents else []
-    writer.writerow(["subject_id", "sex", "age", *names])
-    for s, lat in zip(subjects, latents, strict=True):
+    extra = ["T1_csf_factor"] if csf_factors is not None else []
+    writer.writerow(["subject_id", "sex", "age", *names, *extra])
+    factors = csf_factors if csf_factors is not None else [None] * len(subjects)
+    for s, lat, factor in zip(subjects, latents, factors, strict=True):
         writer.writerow([s.subject_id, s.sex, f"{s.age:g}",
-                         *(f"{v:.6f}" for v in asdict(lat).values())])
+                         *(f"{v:.6f}" for v in asdict(lat).values()),
+                         *([] if factor is None else [f"{factor:.6f}"])])
     return buf.getvalue()
 
 
