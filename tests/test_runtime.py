@@ -52,5 +52,5 @@ def test_a_training_step_reuses_the_memory_the_last_step_freed():
     off, faults_off = _child("0")
     assert (on, off) == ("True", "False")
     assert faults_off > 100_000  # measured ~300,000: every large activation mapped and faulted in
-    # measured 0 or 18,432 (glibc's aligned allocation now and then maps one block afresh)
+    # measured 0 - 18,432 (glibc's aligned allocation now and then maps one block afresh)
     assert faults_on < faults_off / 4

@@ -536,8 +536,7 @@ def _generate(root: Path, subjects: tuple[DemoSubject, ...], params: dict, todo:
         atomic_write_text(root / model.PLANTED,
                           model.planted_text(subjects, _latents(subjects, params["seed"]), factors))
         atomic_write_text(root / model.TRUTH,
-                          json.dumps(model.truth(params["modalities"], _csf_contrast(params)),
-                                     indent=2) + "\n")
+                          json.dumps(model.truth(params["modalities"], spread), indent=2) + "\n")
     effects = {"realistic": params["planted"]} if realistic else planted_effects()
     manifest = {"generator": GENERATOR, "parameters": params, "planted_effects": effects,
                 "subjects": [asdict(s) for s in subjects]}

@@ -320,16 +320,15 @@ def planted_text(subjects, latents, csf_factors=None) -> str:
     """planted.csv: subject_id, sex, age and the subject's hidden variables; with
     ``csf_factors`` (a cohort with scanner contrast) one more column, ``T1_csf_factor``: the
     factor on the CSF level of each subject's T1 scan (:func:`csf_contrast`)."""
+    header = ["subject_id", "sex", "age", *(asdict(latents[0]) if latents else [])]
+    rows = [[s.subject_id, s.sex, f"{s.age:g}", *(f"{v:.6f}" for v in asdict(lat).values())]
+            for s, lat in zip(subjects, latents, strict=True)]
+    if csf_factors is not None:
+        header.append("T1_csf_factor")
+        for row, factor in zip(rows, csf_factors, strict=True):
+            row.append(f"{factor:.6f}")
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    names = list(asdict(latents[0])) if latents else []
-    extra = ["T1_csf_factor"] if csf_factors is not None else []
-    writer.writerow(["subject_id", "sex", "age", *names, *extra])
-    factors = csf_factors if csf_factors is not None else [None] * len(subjects)
-    for s, lat, factor in zip(subjects, latents, factors, strict=True):
-        writer.writerow([s.subject_id, s.sex, f"{s.age:g}",
-                         *(f"{v:.6f}" for v in asdict(lat).values()),
-                         *([] if factor is None else [f"{factor:.6f}"])])
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
     return buf.getvalue()
 
 

@@ -126,6 +126,11 @@ class PopulationCentering(nn.Module):
         return (x.float() - mean) / scale  # float32; the patch embedding casts it once
 
 
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes, whatever its dtype (bfloat16 included)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 class OutputCache:
     """A bounded memo of a module's per-image outputs, keyed by the input image's bytes.
 
@@ -134,8 +139,9 @@ class OutputCache:
     under ``torch.no_grad`` in evaluation. Each distinct input (an image, its flipped copy) is then
     embedded once per run instead of at every step. Keys are SHA-1 digests of each image's bytes
     with its shape, dtype and the compute dtype; entries are dropped least-recently-used beyond
-    ``max_bytes``, and all of them when a weight or buffer of the module changes (tensor version
-    counters) or it returns to training mode.
+    ``max_bytes``, and all of them when a weight or buffer of the module changes (a digest of
+    their bytes, checked at every use: fused optimisers update weights without bumping tensor
+    version counters).
     """
 
     def __init__(self, max_bytes: int):
@@ -149,14 +155,17 @@ class OutputCache:
 
     def validate(self, module: nn.Module) -> None:
         """Drops every entry when the module's weights or buffers changed since they were made."""
-        state = tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+        digest = hashlib.sha1()
+        for tensor in (*module.parameters(), *module.buffers()):
+            digest.update(_bytes(tensor))
+        state = digest.digest()
         if state != self.state:
             self.clear()
             self.state = state
 
     @staticmethod
     def key(image: torch.Tensor, tag: str) -> bytes:
-        digest = hashlib.sha1(image.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        digest = hashlib.sha1(_bytes(image))
         digest.update(f"{tuple(image.shape)}|{image.dtype}|{tag}".encode())
         return digest.digest()
 
@@ -229,8 +238,6 @@ class BrainPatchEmbedding(nn.Module):
     def train(self, mode: bool = True):
         """A frozen embedding stays in evaluation mode (stored BatchNorm and centering
         statistics) when the model around it trains."""
-        if mode and not self.frozen and self.output_cache is not None:
-            self.output_cache.clear()
         return super().train(mode and not self.frozen)
 
     def _cacheable(self, pixel_values: torch.Tensor) -> bool:

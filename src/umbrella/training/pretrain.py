@@ -183,10 +183,9 @@ def task_losses(outputs: dict[str, torch.Tensor], specs: dict[str, Head], target
     return out_losses
 
 
-def batch_loss(outputs: dict[str, torch.Tensor], specs: dict[str, Head], targets: list[dict]
-               ) -> torch.Tensor | None:
-    """Sum over the batch's tasks of each task's mean loss over the images that answer it."""
-    per_task = task_losses(outputs, specs, targets)
+def batch_loss(per_task: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Sum over the batch's tasks (:func:`task_losses`) of each task's mean loss over the images
+    that answer it; None when no image answers any task."""
     return sum(loss for loss, _ in per_task.values()) if per_task else None
 
 
@@ -260,7 +259,7 @@ def _errors(net: TowerWithHeads, loader) -> tuple[list[float], dict[str, np.ndar
         for modality, pixels, targets in loader:
             per_task = task_losses(net(pixels, modality), net.specs, targets)
             if per_task:
-                losses.append(float(sum(loss for loss, _ in per_task.values())))
+                losses.append(float(batch_loss(per_task)))
             for key, (_, err) in per_task.items():
                 errors.setdefault(key, []).append(err)
     net.train(training)
@@ -346,7 +345,7 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
         sampler.set_epoch(epoch)
         running = []
         for modality, pixels, targets in train_loader:
-            loss = batch_loss(net(pixels, modality), net.specs, targets)
+            loss = batch_loss(task_losses(net(pixels, modality), net.specs, targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -497,8 +496,9 @@ def score(folder: str | Path, records: list[Record], *, seed: int = 0, resamples
     out = {}
     for key, e in errors.items():
         h = net.specs[key]
-        name = "mae" if h.kind == "regression" else "accuracy"
-        out[key] = {"task": h.task, "modality": h.modality, "n": len(e), **_metric(h, e),
+        metric = _metric(h, e)
+        (name,) = metric
+        out[key] = {"task": h.task, "modality": h.modality, "n": len(e), **metric,
                     "ci": bootstrap_ci(lambda rows, e=e, h=h: _metric(h, e[rows]), len(e),
                                        resamples=resamples, seed=seed)[name]}
     return out
