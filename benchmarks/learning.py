@@ -42,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from umbrella.recipes import T1_TWO_STAGE, dotlist  # noqa: E402
 
 # The cohort: the realistic demo at 4 mm (56 x 64 x 56 voxels written; the 2 mm default grid
 # costs 8x the synthesis and the training reads 4 mm anyway), 2,000 subjects (1,200 train /
@@ -80,26 +81,25 @@ FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "training.max_steps=150
                  "training.eval_steps=250", "training.select_best=metric",
                  "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
-# The T1 part's default: two stages per seed (--pretrain-epochs N, default 8; 0: the one-stage
-# run of T1_SETTINGS alone). Each seed first trains its tower alone (`umbrella pretrain`, the
-# seed's config and training split) and the VLM then reads it as trained: loaded by
-# model.vision_init, patch embeddings and encoder layers frozen (PRETRAIN_SETTINGS). Both stages
-# use TWO_STAGE_SETTINGS on top of T1_SETTINGS, what benchmarks/README.md section 11 ("A
-# pretrained tower under scanner contrast") measured: the pooled convolutional stem [8, 16, 32,
-# 64], no population centering before its BatchNorm (it cost the first stage ~0.7 years), flips
-# without rotations or translations (the short first stage learned less with them: 6.6 against
-# 5.0 years), and 2,000 VLM steps validated every 500 (the frozen tower leaves the projector and
-# language model to learn; with 1,000 steps every seed kept its last step, and 2,000 raised the
-# kept step's validation score on 2 of 3 seeds, by 0.002 on the mean: section 11, "2,000 VLM
-# steps"; the patch-embedding cache makes them cheap).
+# The T1 part's default: two stages per seed (--pretrain-epochs N, default the recipe's 8; 0: the
+# one-stage run of T1_SETTINGS alone), the recipe `umbrella prepare` writes into train.yaml
+# (umbrella.recipes.T1_TWO_STAGE, on top of T1_SETTINGS; both stages' settings), what
+# benchmarks/README.md section 11 ("A pretrained tower under scanner contrast") measured: the
+# pooled convolutional stem [8, 16, 32, 64], no population centering before its BatchNorm (it
+# cost the first stage ~0.7 years), flips without rotations or translations (the short first
+# stage learned less with them: 6.6 against 5.0 years), and 2,000 VLM steps validated every 500
+# (the frozen tower leaves the projector and language model to learn; with 1,000 steps every
+# seed kept its last step, and 2,000 raised the kept step's validation score on 2 of 3 seeds, by
+# 0.002 on the mean: section 11, "2,000 VLM steps"; the patch-embedding cache makes them cheap).
+# Each seed first trains its tower alone (`umbrella pretrain`, the seed's config and training
+# split; timed and scored alone here, where the recipe's model.vision_init=pretrain runs it inside
+# `umbrella train`) and the VLM then reads it as trained: loaded by model.vision_init, patch
+# embeddings and encoder layers frozen (PRETRAIN_SETTINGS).
 # Overrides given on the command line come after these. The rsfMRI part trains in one stage.
-PRETRAIN_SETTINGS = ["model.train_embeddings=frozen", "model.train_vision=frozen"]
-TWO_STAGE_SETTINGS = ["model.patch_embed=conv", "model.stem_style=pooled",
-                      "model.stem_channels=[8,16,32,64]", "model.center_inputs=false",
-                      "dataset.T1.augment_ranges.rotate_deg=0",
-                      "dataset.T1.augment_ranges.translate_vox=0", "training.max_steps=2000",
-                      "training.eval_steps=500"]
-PRETRAIN_EPOCHS = 8
+_VLM_ONLY = ("model.vision_init", "model.train_embeddings", "model.train_vision")
+TWO_STAGE_SETTINGS = dotlist(T1_TWO_STAGE, skip=(*_VLM_ONLY, "pretrain.epochs"))
+PRETRAIN_SETTINGS = [o for o in dotlist(T1_TWO_STAGE) if o.split("=")[0] in _VLM_ONLY[1:]]
+PRETRAIN_EPOCHS = T1_TWO_STAGE["pretrain"]["epochs"]
 # The T1 scans' CSF contrast (--csf-contrast C, default 0.1: each scan's CSF level times
 # U[0.9, 1.1], as pooled scanners differ). Without it the ridge reads age within 0.6 years of
 # the cohort's Bayes limit, so "0.8 x the reference" lies below that limit (section 11,

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,50 @@ def test_prepare_command_from_a_phenotype_table(tiny_cohort, tmp_path, capsys):
     assert code == 0, out
     assert "sex_T1" in out and "age_T1" in out and "dataset.T1.data_root=" in out
     assert (tmp_path / "recs" / "prepare_summary.json").is_file()
+
+
+def test_prepare_writes_a_config_that_trains_with_the_measured_recipe(tiny_cohort, tmp_path,
+                                                                      capsys):
+    """`umbrella prepare` writes train.yaml: the records (absolute), data root and study, the
+    measured T1 recipe on top; `umbrella train -c` on it runs the first stage, then the VLM."""
+    import json
+
+    from umbrella.config import config_to_dict, load_config
+    from umbrella.recipes import T1_TWO_STAGE, dotlist
+
+    recs = tmp_path / "recs"
+    assert main(["prepare", "--phenotype", str(tiny_cohort.phenotype_csv), "--out", str(recs),
+                 "--tasks", "sex,age", "--study", "MYSITE",
+                 "--image", f"T1={tiny_cohort.root}/images/{{subject}}_T1w.nii.gz"]) == 0
+    out = capsys.readouterr().out
+    config = recs / "train.yaml"
+    assert f"train with: umbrella train -c {config}" in out and "T1_TWO_STAGE" in out
+    cfg = load_config(config)
+    t1 = cfg.dataset.T1
+    assert t1.records == [str((recs / f"{t}_T1.jsonl").resolve()) for t in ("age", "sex")]
+    summary = json.loads((recs / "prepare_summary.json").read_text())
+    assert t1.studies == ["MYSITE"] and t1.data_root == summary["data_roots"]["T1"]
+    assert Path(t1.data_root).is_absolute()
+    assert cfg.training.output_dir == str((recs / "runs").resolve())
+    recipe = load_config(None, dotlist(T1_TWO_STAGE))
+    mine, want = config_to_dict(cfg), config_to_dict(recipe)
+    for key in dotlist(T1_TWO_STAGE):  # every key of the recipe holds its value
+        section, *path = key.split("=")[0].split(".")
+        a, b = mine[section], want[section]
+        for part in path:
+            a, b = a[part], b[part]
+        assert a == b, key
+    assert summary["recipe"] == "T1_TWO_STAGE" and summary["config_file"] == str(config)
+
+    assert main(["train", "-c", str(config), "--quiet", "pretrain.epochs=1",
+                 "pretrain.batch_size=8",
+                 "training.max_steps=2", "training.eval_steps=2", "training.batch_size=8",
+                 "model.vocab_size=300", "dataset.T1.image_size=[16,16,16]",
+                 "dataset.T1.voxel_size=[12,12,12]", "model.stem_channels=[4,8,16,32]"]) == 0
+    out = capsys.readouterr().out
+    towers = list((recs / "runs").glob("pretrain__*/seed_0/pretrain.json"))
+    assert len(towers) == 1 and "training the vision tower first" in out
+    assert "vision tower initialised from" in out
 
 
 def test_train_reports_config_errors(tmp_path, capsys):

@@ -351,6 +351,9 @@ def _cmd_prepare(args) -> int:
         print(f"  skipped {count}: {reason}")
     for modality, root in summary.data_roots.items():
         print(f"set dataset.{modality}.data_root={root}")
+    print(f"config: {summary.config_file} (records, data roots"
+          + (f", the measured recipe {summary.recipe}" if summary.recipe else "")
+          + f")\ntrain with: umbrella train -c {summary.config_file}")
     return 0
 
 

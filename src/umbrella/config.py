@@ -114,7 +114,9 @@ class ModelConfig:
     # (kept as loaded, BatchNorm / centering statistics included: e.g. over model.vision_init)
     train_embeddings: str = "full"
     # a vision tower trained by `umbrella pretrain` (its folder): loaded into the fresh model's
-    # tower before training; its geometry and sizes must match this config's (None: random init)
+    # tower before training; its geometry and sizes must match this config's (None: random init).
+    # The word `pretrain`: `umbrella train` runs `umbrella pretrain` on this config first (or
+    # reuses the tower of an earlier one with the same config and seed) and loads it
     vision_init: str | None = None
     train_projector: str = "full"  # full | frozen | lora
     train_llm: str = "full"  # full | frozen | lora

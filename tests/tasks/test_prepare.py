@@ -244,3 +244,29 @@ def test_no_image_found_says_where_it_looked_and_image_root_fixes_it(tmp_path):
                       images={"T1": "img/{subject}_T1w.nii.gz"}, study="ABCD",
                       image_root=tmp_path)
     assert len(_records(summary)) == 2
+
+
+def test_train_config_carries_the_t1_recipe_only_for_t1_records_alone(tmp_path):
+    from umbrella.recipes import T1_TWO_STAGE
+    from umbrella.tasks.prepare import PrepareSummary, train_config
+
+    def summary(files):
+        roots = {f.rsplit("_", 1)[1]: str(tmp_path / f.rsplit("_", 1)[1]) for f in files}
+        return PrepareSummary(tmp_path, {f: tmp_path / f"{f}.jsonl" for f in files}, {}, {}, {},
+                              roots, tmp_path / "splits.json")
+
+    tree, recipe = train_config(summary(["sex_T1", "age_T1"]), "SITE")
+    assert recipe == "T1_TWO_STAGE"
+    t1 = tree["dataset"]["T1"]
+    assert t1["records"] == [str(tmp_path / "age_T1.jsonl"), str(tmp_path / "sex_T1.jsonl")]
+    assert t1["image_size"] == T1_TWO_STAGE["dataset"]["T1"]["image_size"]
+    assert tree["dataset"]["memoize"] is True and tree["model"]["vision_init"] == "pretrain"
+    assert tree["training"]["output_dir"] == str(tmp_path / "runs")
+    assert tree["training"]["max_steps"] == T1_TWO_STAGE["training"]["max_steps"]
+
+    tree, recipe = train_config(summary(["sex_T1", "sex_rsfMRI", "compare_age_T1"]), "SITE")
+    assert recipe is None and set(tree) == {"dataset", "training"}
+    assert set(tree["dataset"]) == {"T1", "rsfMRI"}
+    assert tree["dataset"]["rsfMRI"] == {"studies": ["SITE"], "data_root": str(tmp_path / "rsfMRI"),
+                                         "records": [str(tmp_path / "sex_rsfMRI.jsonl")]}
+    assert len(tree["dataset"]["T1"]["records"]) == 2

@@ -247,3 +247,49 @@ def test_heads_on_the_embeddings_train_only_the_embeddings(tiny_cohort, task_rec
     assert layers and all(torch.equal(saved[k], fresh[k]) for k in layers)
     assert not torch.equal(saved["embeddings.T1.stem.0.conv.weight"],
                            fresh["embeddings.T1.stem.0.conv.weight"])
+
+
+def test_vision_init_pretrain_trains_the_tower_first_then_reuses_it(tiny_cohort, task_records,
+                                                                   tmp_path, monkeypatch):
+    """model.vision_init=pretrain: one `umbrella train` runs the first stage into pretrain's
+    default folder, then trains the VLM on that tower exactly as a run given the folder does; a
+    second run of the same config reuses the tower instead of training it again."""
+    from safetensors.torch import load_file
+
+    from umbrella.training import pretrain as stage
+    from umbrella.training.run import train
+
+    frozen = ["model.train_embeddings=frozen", "model.train_vision=frozen"]
+    cfg = _config(tiny_cohort, task_records["files"], tmp_path / "auto",
+                  "model.vision_init=pretrain", *frozen)
+    folder = stage.output_dir(cfg)
+    assert not folder.exists()
+    auto = train(cfg, progress=False)
+    assert (folder / stage.INFO_FILE).is_file()
+    assert load_config(auto.run_dir / "config.yaml").model.vision_init == "pretrain"
+    given = train(_config(tiny_cohort, task_records["files"], tmp_path / "given",
+                          f"model.vision_init={folder}", *frozen), progress=False)
+    a = load_file(str(auto.model_dir / "model.safetensors"))
+    b = load_file(str(given.model_dir / "model.safetensors"))
+    assert set(a) == set(b)
+    for key in a:  # the same tower, and the VLM trained from it as from the given folder
+        assert torch.equal(a[key], b[key]), key
+    tower = load_file(str(folder / stage.TOWER_FILE))
+    prefix = "model.vision_tower."
+    assert {k[len(prefix):] for k in a if k.startswith(prefix)} == set(tower)
+    for key, value in tower.items():  # frozen: the VLM holds the first stage's tower
+        assert torch.equal(a[prefix + key], value), key
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tower was trained again")
+
+    monkeypatch.setattr(stage, "pretrain", fail)
+    before = (folder / stage.TOWER_FILE).stat().st_mtime_ns
+    lines = []
+    again = stage.first_stage(cfg, progress=False, log=lines.append)
+    assert again.model.vision_init == str(folder) and "reusing" in lines[0]
+    assert (folder / stage.TOWER_FILE).stat().st_mtime_ns == before
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="umbrella pretrain -c CONFIG"):
+        stage.first_stage(cfg, progress=False)

@@ -6,6 +6,9 @@ and modality, with subject-level splits shared by every task and modality.
         splits.json               {subject: "train" | "val" | "test"} (reuse it with splits_file=)
         prepare_summary.json      files, record counts per split, skipped rows per reason, how
                                   table ids met image ids (matched / unmatched, with examples)
+        train.yaml                a config for `umbrella train -c`: the records, data roots and
+                                  study; with T1 records alone also the measured recipe
+                                  (:data:`umbrella.recipes.T1_TWO_STAGE`)
 
 Images come from a path pattern per modality or a BIDS tree (:mod:`umbrella.tasks.images`).
 Table ids meet path ids through :func:`umbrella.tasks.subjects.subject_key` (``sub-`` prefix,
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from umbrella.errors import ConfigError
-from umbrella.io import atomic_write_json, atomic_write_jsonl
+from umbrella.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from umbrella.task_registry import (
     COMPARE_AGE,
     COMPARE_SEX,
@@ -67,6 +70,7 @@ from umbrella.tasks.subjects import match_ids, subject_key, ukb_instance_column
 
 SUMMARY_FILE = "prepare_summary.json"
 SPLITS_FILE = "splits.json"
+CONFIG_FILE = "train.yaml"
 _PAIRS = {"compare_sex": COMPARE_SEX, "compare_age": COMPARE_AGE}
 _WITHIN = {"session_order": SESSION_ORDER, "session_gap": SESSION_GAP}
 MIN_SESSION_GAP = 0.25  # years: two sessions closer than this are not asked about
@@ -85,13 +89,17 @@ class PrepareSummary:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few raw values
     matching: dict[str, dict] = field(default_factory=dict)  # modality -> id matching counts
     sessions: dict[str, int] = field(default_factory=dict)  # modality -> distinct sessions
+    config_file: Path | None = None  # train.yaml (:func:`write_train_config`)
+    recipe: str | None = None  # the measured recipe it holds (umbrella.recipes), if any
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "files": {k: str(v) for k, v in self.files.items()},
                 "records": self.records, "subjects": self.subjects, "skipped": self.skipped,
                 "examples": self.examples, "data_roots": self.data_roots,
                 "splits_file": str(self.splits_file), "tasks": self.tasks,
-                "matching": self.matching, "sessions": self.sessions}
+                "matching": self.matching, "sessions": self.sessions,
+                "config_file": str(self.config_file) if self.config_file else None,
+                "recipe": self.recipe}
 
 
 def resolve_study(name: str, overrides: dict | None = None, **explicit):
@@ -462,8 +470,56 @@ def prepare(phenotype: Path | list[Path], out_dir: Path, *, tasks: list[str],
         {k: v for g in targets.values() for k, v in g.examples.items()},
         {m: match.to_dict() for m, match in matching.items()},
         {m: len({u[1] for u in by_unit if u[1]}) for m, by_unit in units.files.items()})
+    summary.config_file, summary.recipe = write_train_config(summary, info.name)
     atomic_write_json(out_dir / SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def train_config(summary: PrepareSummary, study: str) -> tuple[dict, str | None]:
+    """The config `umbrella train -c <out>/train.yaml` reads: every modality's records (absolute
+    paths), data root and study, runs under ``<out>/runs``; with T1 records alone, the measured
+    recipe :data:`umbrella.recipes.T1_TWO_STAGE` on top (returned: its name, else None)."""
+    from omegaconf import OmegaConf
+
+    from umbrella.recipes import T1_TWO_STAGE
+
+    out = Path(summary.out_dir).resolve()
+    dataset: dict = {}
+    for name, path in sorted(summary.files.items()):
+        modality = name.rsplit("_", 1)[1]
+        section = dataset.setdefault(modality, {"studies": [study], "records": [],
+                                                "data_root": summary.data_roots[modality]})
+        section["records"].append(str(Path(path).resolve()))
+    recipe = "T1_TWO_STAGE" if set(dataset) == {"T1"} else None
+    tree = {"dataset": dataset, "training": {"output_dir": str(out / "runs")}}
+    if recipe:  # the recipe's leaves set, nested sections merged
+        tree = OmegaConf.to_container(OmegaConf.merge(tree, T1_TWO_STAGE))
+    return tree, recipe
+
+
+def write_train_config(summary: PrepareSummary, study: str) -> tuple[Path, str | None]:
+    """``<out>/train.yaml`` (:func:`train_config`), with a header saying what it holds; returns
+    the file and the recipe's name."""
+    import yaml
+
+    tree, recipe = train_config(summary, study)
+    head = ["# written by `umbrella prepare`: train with `umbrella train -c " +
+            f"{Path(summary.out_dir) / CONFIG_FILE}` (override any key as KEY=VALUE)"]
+    if recipe:
+        head += ["# T1 alone: the measured two-stage recipe (umbrella.recipes.T1_TWO_STAGE;",
+                 "# benchmarks/README.md section 11): `umbrella pretrain` of the tower first",
+                 "# (model.vision_init=pretrain), then the VLM on it, frozen."]
+    else:
+        head += ["# several modalities: the project's defaults (the measured recipe,",
+                 "# umbrella.recipes.T1_TWO_STAGE, is for T1 records alone)."]
+
+    class Dumper(yaml.SafeDumper):  # sections as blocks, lists on one line
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+        "tag:yaml.org,2002:seq", v, flow_style=True))
+    text = "\n".join(head) + "\n" + yaml.dump(tree, Dumper=Dumper, sort_keys=False)
+    return atomic_write_text(Path(summary.out_dir) / CONFIG_FILE, text), recipe
 
 
 def _write_records(out_dir: Path, targets: dict[str, Targets], values: dict, units: _Units,

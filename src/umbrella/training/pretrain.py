@@ -14,7 +14,8 @@ tokens of the VLM do not give it (benchmarks/README.md section 11, "Under scanne
 Only the training split's answers are used for the weights; the validation split chooses the
 epoch; the test split is never read. The VLM then starts from this tower with
 ``model.vision_init=<folder>`` (and, to keep it as trained, ``model.train_embeddings=frozen`` /
-``model.train_vision=frozen``).
+``model.train_vision=frozen``), or ``model.vision_init=pretrain``: `umbrella train` then runs this
+stage itself first (:func:`first_stage`), into the default folder below.
 
 Folder written (the tower first, the JSON last, each atomically; the JSON holds the tower file's
 SHA-256, so a tower and a description of another run never pair)::
@@ -34,6 +35,7 @@ any records (e.g. a held-out split, from a benchmark): what the first stage alon
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -387,6 +389,31 @@ def pretrain(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Path:
         + (f" (validation {_describe(best['val'])})" if "val" in best else "")
         + f"; written: {out}")
     return out
+
+
+AUTO = "pretrain"  # model.vision_init=pretrain: `umbrella train` runs this stage first
+
+
+def first_stage(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> UmbrellaConfig:
+    """``cfg`` with ``model.vision_init=pretrain`` resolved: the tower of :func:`pretrain` on
+    this config (its folder :func:`output_dir`, shared with a separate `umbrella pretrain` of the
+    same config and seed), trained now unless that folder already holds a complete one (its
+    pretrain.json, written last), then named in ``model.vision_init``. Any other value: ``cfg``
+    unchanged."""
+    if cfg.model.vision_init != AUTO:
+        return cfg
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("model.vision_init=pretrain trains the tower in one process before the "
+                          "VLM; under torchrun run `umbrella pretrain -c CONFIG` first (without "
+                          "torchrun) and pass the folder it prints as model.vision_init")
+    folder = output_dir(cfg)
+    if (folder / INFO_FILE).is_file():
+        log(f"pretrain: reusing the tower in {folder} (same config and seed; delete the folder "
+            "to train it again)")
+    else:
+        log(f"pretrain: training the vision tower first (model.vision_init=pretrain) into {folder}")
+        folder = pretrain(cfg, progress=progress, log=log)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vision_init=str(folder)))
 
 
 def _tower_signature(config) -> dict:
