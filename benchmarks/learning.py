@@ -152,6 +152,26 @@ def _part_config(plan, part: str, seed: int, run_root: Path, extra: list[str]):
     return load_config(path, over + list(extra))
 
 
+def task_facts(metrics: dict) -> dict:
+    """Per task of an evaluation's metrics.json: the model's primary metric with its CI, the
+    reference's, its verdict, the baseline, the achievable value and the answering method."""
+    out = {}
+    for task, m in metrics["tasks"].items():
+        metric = _metric(task)
+        ref = m.get("reference") or {}
+        out[task] = {
+            "metric": metric, "n_test": m.get("n"), "model": _value(m, metric),
+            "model_ci": _ci(m, metric), "reference": _value(ref, metric),
+            "reference_ci": _ci(ref, metric),
+            "verdict": (ref.get("comparison") or {}).get("verdict"),
+            "baseline": _value(m.get("baseline"), metric),
+            "achievable": (m.get("achievable") or {}).get("value")
+            if isinstance(m.get("achievable"), dict) else m.get("achievable"),
+            "method": (metrics.get("regression") or {}).get("method")
+            if task == "age" else "likelihood"}
+    return out
+
+
 def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablate: bool,
              quiet: bool, pretrain_epochs: int = 0) -> dict:
     """Train one seed (after `umbrella pretrain` of its tower when ``pretrain_epochs``),
@@ -192,19 +212,7 @@ def run_seed(plan, part: str, seed: int, run_root: Path, extra: list[str], ablat
     if tower is not None:  # the first stage alone: the tower's own linear heads, same test split
         out["tower_alone"] = {h["task"]: {"value": h[_metric(h["task"])], "ci": h["ci"]}
                               for h in score(tower, splits["test"], seed=seed).values()}
-    for task, m in result.metrics["tasks"].items():
-        metric = _metric(task)
-        ref = m.get("reference") or {}
-        out["tasks"][task] = {
-            "metric": metric, "n_test": m.get("n"), "model": _value(m, metric),
-            "model_ci": _ci(m, metric), "reference": _value(ref, metric),
-            "reference_ci": _ci(ref, metric),
-            "verdict": (ref.get("comparison") or {}).get("verdict"),
-            "baseline": _value(m.get("baseline"), metric),
-            "achievable": (m.get("achievable") or {}).get("value")
-            if isinstance(m.get("achievable"), dict) else m.get("achievable"),
-            "method": (result.metrics.get("regression") or {}).get("method")
-            if task == "age" else "likelihood"}
+    out["tasks"] = task_facts(result.metrics)
     if ablate and "age" in result.metrics["tasks"]:
         gen = evaluate_records(trained.model_dir, [r for r in splits["test"] if r.task == "age"],
                                trained.run_dir / "evaluation_generate", regression="generate",

@@ -268,3 +268,55 @@ def test_run_all_collects_every_target(payloads):
             "embedding_cache.cached_at_least_1.5x_faster"} <= set(targets)
     assert len(rows) == len(targets)
     assert all(isinstance(t["met"], bool) for t in targets.values())
+
+
+def test_unseen_layout_scans_give_the_model_the_input_of_the_original(tiny_cohort, tmp_path):
+    """A scan rewritten as the unseen site hands it over (reoriented to PIR, int16) is read back
+    RAS+ and preprocessed into the same input as its original (up to the intensity rescaling);
+    the same scan flipped along any axis matches less, so the comparison can tell orientations
+    apart."""
+    import numpy as np
+    from benchmarks import unseen_layout
+
+    from umbrella.data.volumes import VolumeSpec, preprocess_volume
+
+    src = next(iter(sorted((tiny_cohort.root / "images").glob("*_T1w.nii.gz"))))
+    dest = tmp_path / "sub-x" / "ses-01" / "anat" / "sub-x_ses-01_T1w.nii.gz"
+    unseen_layout.rewrite_scan((src, dest))
+    import nibabel as nib
+
+    img = nib.load(dest)
+    assert nib.aff2axcodes(img.affine) == tuple(unseen_layout.ORIENTATION)
+    assert img.get_data_dtype() == np.int16
+    canon = [np.asarray(nib.as_closest_canonical(nib.load(f)).dataobj, dtype=np.float32)
+             for f in (src, dest)]  # exact reorientation: the same voxels, rescaled
+    assert canon[0].shape == canon[1].shape
+    assert np.corrcoef(canon[0].ravel(), canon[1].ravel())[0, 1] > 0.99
+    spec = VolumeSpec(image_size=(32, 40, 32), voxel_size=(6.0, 6.0, 6.0))  # resampled
+    a, b = preprocess_volume(src, spec), preprocess_volume(dest, spec)
+    same = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    flips = [np.corrcoef(a.ravel(), np.flip(b, axis).ravel())[0, 1] for axis in range(3)]
+    # left-right flips of a near-symmetric brain stay close; front-back and up-down do not
+    assert same > 0.95 and max(flips) < same and max(flips[1:]) < same - 0.1, (same, flips)
+
+
+def test_unseen_layout_runs_the_public_cli_on_the_rewritten_cohort(tmp_path):
+    """The unseen-layout benchmark end to end on a 40-subject cohort: BIDS tree, prepare's
+    train.yaml (the T1 recipe, its first stage run by `umbrella train`), evaluate with truth."""
+    from benchmarks import unseen_layout
+
+    from umbrella.config import load_config
+
+    out = unseen_layout.main(["--smoke", "--workdir", str(tmp_path), "--quiet", "--threads", "1"])
+    res = out["results"]
+    assert out["config"]["recipe"] == "T1_TWO_STAGE"
+    root = tmp_path / "unseen_40_3mm_csf0.1"
+    assert len(list((root / "bids").glob("sub-*/ses-01/anat/*_T1w.nii.gz"))) == 40
+    run = res["T1"]["runs"][0]
+    cfg = load_config(Path(run["run_dir"]) / "config.yaml")
+    assert cfg.model.vision_init == "pretrain" and cfg.dataset.T1.studies == ["UNSEEN"]
+    assert list((root / "records" / "runs").glob("pretrain__*/seed_0/pretrain.json"))
+    for task in ("age", "sex"):
+        entry = res["T1"]["tasks"][task]
+        assert entry["n_test"] > 0 and entry["reference"] is not None
+        assert entry["achievable"] is not None and res["checks"][f"T1.{task}"] == entry["met"]
