@@ -72,7 +72,7 @@ def test_key_is_stable_and_hashes_identity_kind_params_version(tmp_path):
     ident = source_identity(path)
     st = path.stat()
     assert ident == {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    assert CACHE_VERSION == 1
+    assert CACHE_VERSION == 2
 
 
 def test_key_tracks_extra_sources_and_frame_folders(tmp_path):

@@ -433,3 +433,28 @@ def test_augment_rejects_bad_input(augment):
         augment(np.zeros((1, 4, 4, 4), np.float32), seed=0)
     with pytest.raises(ValueError, match="rotate_deg"):
         VolumeAugment(rotate_deg=-1)
+
+
+def test_mask_box_leaves_specks_out():
+    """The head's box ignores components under 1 % of the largest (noise above the threshold
+    far from the head); two large components both count; a lone voxel is its own box."""
+    from umbrella.data.volumes import crop_windows, mask_box
+
+    mask = np.zeros((40, 40, 40), dtype=bool)
+    mask[10:30, 12:28, 8:32] = True  # the head
+    assert mask_box(mask) == [(10, 30), (12, 28), (8, 32)]
+    specks = mask.copy()
+    specks[0, 0, 0] = specks[39, 39, 39] = specks[0, 39, 20] = True
+    assert mask_box(specks) == [(10, 30), (12, 28), (8, 32)]
+    # the crop follows the head, not the specks (which would stretch the box over the volume)
+    assert crop_windows((40, 40, 40), (24, 24, 30), mask_box(specks)) == \
+        crop_windows((40, 40, 40), (24, 24, 30), mask_box(mask))
+    two = mask.copy()
+    two[32:36, 30:34, 30:34] = True  # 64 voxels, 0.8 % of the head: a speck
+    assert mask_box(two) == [(10, 30), (12, 28), (8, 32)]
+    two[32:38, 30:38, 30:38] = True  # 384 voxels, 5 %: a part of the head
+    assert mask_box(two) == [(10, 38), (12, 38), (8, 38)]
+    lone = np.zeros((5, 5, 5), dtype=bool)
+    lone[1, 2, 3] = True
+    assert mask_box(lone) == [(1, 2), (2, 3), (3, 4)]
+    assert mask_box(np.zeros((5, 6, 7), dtype=bool)) == [(0, 5), (0, 6), (0, 7)]

@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 from umbrella.errors import ConfigError, UmbrellaError, VolumeError
 from umbrella.io import atomic_write, file_mode
 
-CACHE_VERSION = 1
+# 2: crop boxes leave specks of the threshold mask out (volumes.mask_box); arrays cached by
+# version 1 may sit elsewhere in the field of view
+CACHE_VERSION = 2
 KEY_CHARS = 24  # 96 bits of sha256: collisions are out of reach for any cohort
 _KEY_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 _LOAD_ERRORS = (OSError, ValueError, EOFError)

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from umbrella.config import UmbrellaConfig, config_to_dict, digest, save_config
-from umbrella.data.cache import PreprocessCache
+from umbrella.data.cache import CACHE_VERSION, PreprocessCache
 from umbrella.data.catalog import by_split, load_config_records, modality_inputs, model_geometry
 from umbrella.data.collate import stack_images
 from umbrella.data.dataset import InstructionDataset
@@ -213,12 +213,14 @@ def _collate(samples):
 
 def output_dir(cfg: UmbrellaConfig) -> Path:
     """pretrain.output_dir, else <training.output_dir>/pretrain__<preset>__<hash>/seed_<n>, the
-    hash over what shapes the tower (dataset, model, pretrain sections)."""
+    hash over what shapes the tower (dataset, model, pretrain sections, the preprocessing's
+    version)."""
     if cfg.pretrain.output_dir:
         return Path(cfg.pretrain.output_dir)
     tree = config_to_dict(cfg)
     tree = {k: tree[k] for k in ("dataset", "model", "pretrain")}
     tree["model"] = {k: v for k, v in tree["model"].items() if k != "vision_init"}
+    tree["preprocessing"] = CACHE_VERSION  # a tower of other inputs is not reused (first_stage)
     return (Path(cfg.training.output_dir) / f"pretrain__{cfg.model.preset}__{digest(tree)}"
             / f"seed_{cfg.training.seed}")
 
