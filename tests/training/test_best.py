@@ -212,13 +212,27 @@ def test_metric_selection_on_sex_and_age_together(tiny_config, tiny_records, tmp
     assert again["mae/age"] == pytest.approx(chosen["eval_mae/age"], abs=1e-4)
 
 
-def test_regression_grid_spans_the_training_range():
-    from umbrella.task_registry import AGE
-    from umbrella.training.validation import regression_grid
+def test_regression_grid_spans_the_training_range_on_values_the_answers_hold():
+    """17 answers over the training range, each a value some training answer holds: whole years
+    written "57.0 years" give whole-year candidates, never "42.8 years"."""
+    import numpy as np
 
-    texts, values = regression_grid(AGE, [20.0, 68.0])
-    assert texts[0] == "20.0 years" and texts[-1] == "68.0 years" and values[8] == 44.0
-    assert len(texts) == len(values) == 17
+    from umbrella.task_registry import AGE
+    from umbrella.training.validation import GRID, regression_grid
+
+    whole = [float(a) for a in range(40, 86)] * 3
+    texts, values = regression_grid(AGE, whole)
+    assert texts[0] == "40.0 years" and texts[-1] == "85.0 years" and len(texts) == GRID
+    assert all(v == int(v) for v in values) and values == sorted(set(values))
+    fine = list(np.round(np.random.default_rng(0).uniform(20, 68, 500), 1))
+    texts, values = regression_grid(AGE, fine)
+    assert values[0] == min(fine) and values[-1] == max(fine) and len(texts) == GRID
+    assert set(values) <= set(fine)
+    steps = np.diff(values)  # still spread evenly over the range
+    assert steps.min() > 2.5 and steps.max() < 3.5
+    assert regression_grid(AGE, [20.0, 68.0])[0] == ["20.0 years", "68.0 years"]
+    texts, _ = regression_grid(AGE, [])  # no training answer: the plausible range, evenly
+    assert texts[0] == "0.0 years" and texts[-1] == "120.0 years" and len(texts) == GRID
 
 
 def test_score_is_the_mean_of_accuracy_and_relative_mae():
