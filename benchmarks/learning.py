@@ -96,9 +96,9 @@ PARTS = ("T1", "rsfMRI")
 # `umbrella train`) and the VLM then reads it as trained: loaded by model.vision_init, patch
 # embeddings and encoder layers frozen (PRETRAIN_SETTINGS).
 # Overrides given on the command line come after these. The rsfMRI part trains in one stage.
-_VLM_ONLY = ("model.vision_init", "model.train_embeddings", "model.train_vision")
-TWO_STAGE_SETTINGS = dotlist(T1_TWO_STAGE, skip=(*_VLM_ONLY, "pretrain.epochs"))
-PRETRAIN_SETTINGS = [o for o in dotlist(T1_TWO_STAGE) if o.split("=")[0] in _VLM_ONLY[1:]]
+_FROZEN = ("model.train_embeddings", "model.train_vision")  # the VLM stage's, not the first's
+TWO_STAGE_SETTINGS = dotlist(T1_TWO_STAGE, skip=("model.vision_init", *_FROZEN, "pretrain.epochs"))
+PRETRAIN_SETTINGS = [f"{key}={T1_TWO_STAGE['model'][key.split('.')[1]]}" for key in _FROZEN]
 PRETRAIN_EPOCHS = T1_TWO_STAGE["pretrain"]["epochs"]
 # The T1 scans' CSF contrast (--csf-contrast C, default 0.1: each scan's CSF level times
 # U[0.9, 1.1], as pooled scanners differ). Without it the ridge reads age within 0.6 years of

@@ -7,10 +7,10 @@ voxels; the learning benchmark writes 4 mm and the recipe reads 4 mm, so every s
 downsampled, as a real cohort's 1 mm scans would be), then handed over as another site would: a
 BIDS tree with a session (``sub-XXXX/ses-01/anat/sub-XXXX_ses-01_T1w.nii.gz``), every scan
 reoriented exactly (axes permuted and flipped, no interpolation) to a sagittal-first PIR
-orientation, intensities rescaled to int16 0..4095 by each scan's 99.9th percentile (negative
-noise clipped, as magnitude images are), and ``participants.tsv`` coding sex as F / M with the age
-under another column name (``age_at_scan``). Then, per seed, exactly what a researcher types
-(each a subprocess of ``python -m umbrella``)::
+orientation, intensities rescaled to int16 0..4095 by each scan's 99.9th percentile, and
+``participants.tsv`` coding sex as F / M with the age under another column name
+(``age_at_scan``). Then, per seed, exactly what a researcher types (each a subprocess of
+``python -m umbrella``)::
 
     umbrella prepare --phenotype bids/participants.tsv --bids bids --study UNSEEN \\
         --tasks sex,age --age-column age_at_scan --out records

@@ -253,7 +253,8 @@ def test_vision_init_pretrain_trains_the_tower_first_then_reuses_it(tiny_cohort,
                                                                    tmp_path, monkeypatch):
     """model.vision_init=pretrain: one `umbrella train` runs the first stage into pretrain's
     default folder, then trains the VLM on that tower exactly as a run given the folder does; a
-    second run of the same config reuses the tower instead of training it again."""
+    second run of the same config reuses the tower instead of training it again, under torchrun
+    too, where training one is refused."""
     from safetensors.torch import load_file
 
     from umbrella.training import pretrain as stage
@@ -290,6 +291,12 @@ def test_vision_init_pretrain_trains_the_tower_first_then_reuses_it(tiny_cohort,
     assert again.model.vision_init == str(folder) and "reusing" in lines[0]
     assert (folder / stage.TOWER_FILE).stat().st_mtime_ns == before
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: a complete tower is reused ...
+    assert stage.first_stage(cfg, progress=False, log=lines.append).model.vision_init == str(folder)
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ... and training one is refused, saying what to run
+    other = _config(tiny_cohort, task_records["files"], tmp_path / "other",
+                    "model.vision_init=pretrain", *frozen)
     with pytest.raises(ConfigError, match="umbrella pretrain -c CONFIG"):
-        stage.first_stage(cfg, progress=False)
+        stage.first_stage(other, progress=False)
+    assert not stage.output_dir(other).exists()

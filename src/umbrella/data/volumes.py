@@ -259,10 +259,10 @@ SPECK_FRACTION = 0.01  # mask_box: components under this fraction of the largest
 def mask_box(mask: np.ndarray) -> list[tuple[int, int]]:
     """Per axis the half-open [lo, hi) extent of a bool mask (the whole axis when it is empty),
     specks left out: a connected component (faces touching) smaller than SPECK_FRACTION of the
-    largest does not count. A threshold mask of a noisy scan holds scattered background voxels
-    (one in four of the learning benchmark's synthetic scans at 4 mm), and one of them at the edge
-    of the field of view would otherwise stretch the head's box over the whole volume and move
-    that scan's crop (benchmarks/README.md section 14)."""
+    largest does not count. A threshold mask of a noisy scan holds scattered background voxels,
+    and one of them at the edge of the field of view would otherwise stretch the head's box over
+    the whole volume and move that scan's crop (11 of 40 of the learning benchmark's synthetic
+    scans read at 4 mm: benchmarks/README.md section 14)."""
     labels, n = ndimage.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())[1:]

@@ -230,7 +230,8 @@ def _check(cfg: UmbrellaConfig) -> None:
     problems = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append("`umbrella pretrain` runs in one process (every rank would train and "
-                        "write the same tower); start it without torchrun")
+                        "write the same tower); run `umbrella pretrain -c CONFIG` without "
+                        "torchrun first (model.vision_init=pretrain then reuses its tower)")
     if cfg.model.base:
         problems.append("model.base is set: `umbrella pretrain` trains the tower of model.preset; "
                         "unset model.base")
@@ -401,13 +402,10 @@ def first_stage(cfg: UmbrellaConfig, *, progress: bool = True, log=print) -> Umb
     this config (its folder :func:`output_dir`, shared with a separate `umbrella pretrain` of the
     same config and seed), trained now unless that folder already holds a complete one (its
     pretrain.json, written last), then named in ``model.vision_init``. Any other value: ``cfg``
-    unchanged."""
+    unchanged. Under torchrun a complete tower is reused; training one is refused by
+    :func:`pretrain` (one process)."""
     if cfg.model.vision_init != AUTO:
         return cfg
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("model.vision_init=pretrain trains the tower in one process before the "
-                          "VLM; under torchrun run `umbrella pretrain -c CONFIG` first (without "
-                          "torchrun) and pass the folder it prints as model.vision_init")
     folder = output_dir(cfg)
     if (folder / INFO_FILE).is_file():
         log(f"pretrain: reusing the tower in {folder} (same config and seed; delete the folder "

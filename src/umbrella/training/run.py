@@ -63,7 +63,6 @@ from umbrella.training.callbacks import (
     checkpoint_complete,
     latest_complete_checkpoint,
 )
-from umbrella.training.pretrain import AUTO as PRETRAIN_FIRST
 from umbrella.training.pretrain import first_stage
 from umbrella.training.trainer import UmbrellaTrainer
 from umbrella.training.validation import ValidationMetric
@@ -314,9 +313,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     resume = resume_checkpoint(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(data_source(cfg, records), flush=True)
-    if cfg.model.vision_init == PRETRAIN_FIRST:  # the tower first, then the VLM from its seed
-        cfg = first_stage(cfg, progress=progress)
-        set_seed(cfg.training.seed)
+    cfg = first_stage(cfg, progress=progress)  # model.vision_init=pretrain: the tower first
 
     model, tokenizer = make_model(cfg, splits["train"])
     encoder = PromptEncoder(tokenizer)
