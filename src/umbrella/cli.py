@@ -273,7 +273,8 @@ def _cmd_evaluate(args) -> int:
                               regression=args.regression or cfg.evaluation.regression,
                               regression_step=cfg.evaluation.regression_step,
                               with_reference=cfg.evaluation.reference and not args.no_reference,
-                              truth=args.truth or cfg.evaluation.truth)
+                              truth=args.truth or cfg.evaluation.truth,
+                              memoize=cfg.dataset.memoize, cache_dir=cfg.dataset.cache_dir)
     print(metrics_table(result.metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'predictions.jsonl'}")
     return 0

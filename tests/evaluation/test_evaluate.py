@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -160,3 +161,45 @@ def test_comparison_pairs_are_scored_per_pair(trained_run, tiny_cohort, tmp_path
                for r in ev.predictions)
     truth = [r.answer for r in records]
     assert m["class_counts"] == {"same": truth.count("same"), "different": truth.count("different")}
+
+
+def test_memoize_decodes_each_image_once_for_the_records_that_share_it(
+        trained_run, tiny_split_records, tmp_path, monkeypatch):
+    """dataset.memoize in evaluation: a scan asked about twice (two records) is decoded once,
+    and the answers are those of float16-rounded inputs, as in the run's validation."""
+    import dataclasses
+
+    from umbrella.data.inputs import ModalityInput
+
+    result, _ = trained_run
+    test = tiny_split_records["test"]
+    twice = test + [dataclasses.replace(r, id=f"{r.id}_again") for r in test]
+    calls = []
+    real = ModalityInput.preprocess
+    monkeypatch.setattr(ModalityInput, "preprocess",
+                        lambda self, image, rid=None: calls.append(rid) or real(self, image, rid))
+    kw = dict(split="test", batch_size=4, progress=False, bootstrap=0, plots=False,
+              with_reference=False)
+    plain = evaluate_records(result.model_dir, twice, tmp_path / "plain", **kw)
+    assert len(calls) == len(twice)
+    calls.clear()
+    memo = evaluate_records(result.model_dir, twice, tmp_path / "memo", memoize=True, **kw)
+    assert len(calls) == len(test)  # the second record of each scan reads the memo
+    assert [r["id"] for r in memo.predictions] == [r["id"] for r in plain.predictions]
+    for a, b in zip(memo.predictions, plain.predictions, strict=True):
+        assert a["probs"]["female"] == pytest.approx(b["probs"]["female"], abs=0.02)
+
+
+def test_default_reference_cache_is_shared_by_the_runs_of_one_output_folder(trained_run,
+                                                                           tmp_path):
+    from umbrella.evaluation.reference import reference_cache_dir
+
+    result, cfg = trained_run
+    run_dir = result.run_dir  # <output_dir>/<name>/seed_<n>, written by `umbrella train`
+    assert reference_cache_dir(run_dir, tmp_path) == \
+        run_dir.parent.parent / "reference_features"
+    assert run_dir.parent.parent.resolve() == Path(cfg.training.output_dir).resolve()
+    loose = tmp_path / "copied_run"  # a folder not laid out by `umbrella train`
+    loose.mkdir()
+    assert reference_cache_dir(loose, tmp_path / "out") == loose / "reference_features"
+    assert reference_cache_dir(None, tmp_path / "out") == tmp_path / "out" / "reference_features"

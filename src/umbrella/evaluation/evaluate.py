@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from umbrella.data.cache import PreprocessCache
 from umbrella.data.catalog import load_preprocessing
 from umbrella.data.dataset import InstructionDataset
 from umbrella.data.prompts import PromptEncoder
@@ -262,7 +263,8 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
                      device: str | None = None, windows: str = "first",
                      regression: str = "expected", regression_step: float | None = None,
                      with_reference: bool = True, truth: str | Path | None = None,
-                     reference_cache: Path | None = None) -> EvalResult:
+                     reference_cache: Path | None = None, memoize: bool = False,
+                     cache_dir: str | Path | None = None) -> EvalResult:
     """Evaluate ``records`` (one split) with the model in ``model_dir``; write the outputs to
     ``out_dir`` (rank 0). ``baseline_records`` (the training split) set the majority / mean
     baselines; ``constrained`` restricts regression decoding to numbers and the unit;
@@ -272,8 +274,12 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     ``regression`` answers regression tasks by the expected value or median of the model's
     distribution over candidate numbers ``regression_step`` apart (None: the answers' resolution),
     or by generation. ``with_reference`` fits the classical reference on ``baseline_records`` (rank 0; features cached
-    in ``reference_cache``, default ``<run_dir>/reference_features``); ``truth`` is a cohort's
-    truth file whose achievable figures are shown (:mod:`umbrella.evaluation.reference`)."""
+    in ``reference_cache``, default :func:`~umbrella.evaluation.reference.reference_cache_dir`);
+    ``truth`` is a cohort's truth file whose achievable figures are shown
+    (:mod:`umbrella.evaluation.reference`). Images are read as in training: from the
+    preprocessing cache ``cache_dir`` (``dataset.cache_dir``) when given, and with ``memoize``
+    (``dataset.memoize``) each decoded image is kept in RAM (float16) for the records that share
+    it (sex and age of one scan), as the training run's validation read them."""
     if scoring not in SCORINGS:
         raise ConfigError(f"evaluation.scoring={scoring!r}; choose one of {', '.join(SCORINGS)}")
     if regression not in METHODS:
@@ -291,7 +297,9 @@ def evaluate_records(model_dir: Path, records: list[Record], out_dir: Path, *, s
     rank, world = rank_and_world()
     model, tokenizer = load_brain_llava(model_dir, device or default_device())
     encoder = PromptEncoder(tokenizer)
-    dataset = InstructionDataset(records, encoder, load_preprocessing(model_dir), windows=windows)
+    dataset = InstructionDataset(records, encoder, load_preprocessing(model_dir), windows=windows,
+                                 memoize=memoize,
+                                 cache=PreprocessCache(cache_dir) if cache_dir else None)
     rows = predict(model, encoder, dataset, scoring, batch_size, max_new_tokens, progress,
                    indices=shard_indices(len(dataset), rank, world), constrained=constrained,
                    regression=regression, grids=grids)

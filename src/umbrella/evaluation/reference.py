@@ -547,6 +547,15 @@ def attach_achievable(summary: dict, model_rows: list[dict], truth: dict, source
 
 
 def reference_cache_dir(run_dir: Path | None, out_dir: Path) -> Path:
-    """Where features are cached by default: ``<run>/reference_features`` (else beside the
-    evaluation's outputs)."""
-    return Path(run_dir if run_dir is not None else out_dir) / "reference_features"
+    """Where features are cached by default: ``<training.output_dir>/reference_features`` for a
+    run folder laid out by `umbrella train` (``<output_dir>/<name>/seed_<n>``, recognised by its
+    ``config.yaml`` and ``seed_`` name), so that every seed and setting trained on the same
+    records computes each image's features once (the keys hold the image's identity and its
+    preprocessing: runs that preprocess differently keep separate entries); else
+    ``<run>/reference_features``, or beside the evaluation's outputs without a run."""
+    if run_dir is None:
+        return Path(out_dir) / "reference_features"
+    run_dir = Path(run_dir)
+    if run_dir.name.startswith("seed_") and (run_dir / "config.yaml").is_file():
+        return run_dir.parent.parent / "reference_features"
+    return run_dir / "reference_features"
