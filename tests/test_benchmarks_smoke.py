@@ -309,7 +309,7 @@ def test_unseen_layout_runs_the_public_cli_on_the_rewritten_cohort(tmp_path):
 
     out = unseen_layout.main(["--smoke", "--workdir", str(tmp_path), "--quiet", "--threads", "1"])
     res = out["results"]
-    assert out["config"]["recipe"] == "T1_TWO_STAGE"
+    assert out["config"]["recipe"] == "t1_two_stage"
     root = tmp_path / "unseen_40_3mm_csf0.1"
     assert len(list((root / "bids").glob("sub-*/ses-01/anat/*_T1w.nii.gz"))) == 40
     run = res["T1"]["runs"][0]

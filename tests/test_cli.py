@@ -39,7 +39,7 @@ def test_prepare_writes_a_config_that_trains_with_the_measured_recipe(tiny_cohor
                  "--image", f"T1={tiny_cohort.root}/images/{{subject}}_T1w.nii.gz"]) == 0
     out = capsys.readouterr().out
     config = recs / "train.yaml"
-    assert f"train with: umbrella train -c {config}" in out and "T1_TWO_STAGE" in out
+    assert f"train with: umbrella train -c {config}" in out and "t1_two_stage" in out
     cfg = load_config(config)
     t1 = cfg.dataset.T1
     assert t1.records == [str((recs / f"{t}_T1.jsonl").resolve()) for t in ("age", "sex")]
@@ -55,7 +55,8 @@ def test_prepare_writes_a_config_that_trains_with_the_measured_recipe(tiny_cohor
         for part in path:
             a, b = a[part], b[part]
         assert a == b, key
-    assert summary["recipe"] == "T1_TWO_STAGE" and summary["config_file"] == str(config)
+    assert summary["recipe"] == "t1_two_stage" and summary["config_file"] == str(config)
+    assert cfg.recipe == "t1_two_stage"
 
     assert main(["train", "-c", str(config), "--quiet", "pretrain.epochs=1",
                  "pretrain.batch_size=8",

@@ -98,3 +98,68 @@ def test_augment_ranges_reach_the_training_augmentation():
         augmenter("T1", load_config(None, ["dataset.T1.augment_ranges.scale=1.5"]).dataset.T1)
     with pytest.raises(ConfigError, match="rsfMRI.augment=false"):
         augmenter("rsfMRI", load_config(None, ["dataset.rsfMRI.augment=true"]).dataset.rsfMRI)
+
+
+def test_recipe_lies_beneath_the_configs_own_keys(tmp_path):
+    """recipe: t1_two_stage sets every key of umbrella.recipes.T1_TWO_STAGE that the file and
+    the command line leave unset; their own keys win; the choice is saved and reloads."""
+    from umbrella.config import config_to_dict
+    from umbrella.recipes import T1_TWO_STAGE, dotlist
+
+    plain = config_to_dict(load_config(None, []))
+    want = config_to_dict(load_config(None, dotlist(T1_TWO_STAGE)))
+    path = tmp_path / "mine.yaml"
+    path.write_text("recipe: t1_two_stage\ndataset:\n  T1:\n    records: [r.jsonl]\n"
+                    "training:\n  learning_rate: 1.0e-4\n")
+    cfg = load_config(path, ["training.max_steps=300"])
+    got = config_to_dict(cfg)
+    assert cfg.recipe == "t1_two_stage"
+    changed = 0
+    for key in dotlist(T1_TWO_STAGE):
+        section, *parts = key.split("=")[0].split(".")
+        a, b, c = got[section], want[section], plain[section]
+        for part in parts:
+            a, b, c = a[part], b[part], c[part]
+        if key.startswith(("training.learning_rate", "training.max_steps")):
+            continue
+        assert a == b, key
+        changed += a != c
+    assert changed >= 10  # the recipe is not the defaults
+    assert cfg.training.learning_rate == 1.0e-4 and cfg.training.max_steps == 300
+    assert cfg.dataset.T1.records == ["r.jsonl"]
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert config_to_dict(load_config(tmp_path / "saved.yaml")) == got
+    # recipe=none on the command line takes the file's recipe away
+    assert load_config(path, ["recipe=none"]).model.patch_embed == plain["model"]["patch_embed"]
+
+
+def test_recipe_is_checked():
+    with pytest.raises(ConfigError, match=r"recipe='t1'; choose one of none, t1_two_stage"):
+        load_config(None, ["recipe=t1"])
+    with pytest.raises(ConfigError, match=r"trains T1 records alone.*dataset\.rsfMRI\.records"):
+        load_config(None, ["recipe=t1_two_stage", "dataset.T1.records=[a.jsonl]",
+                           "dataset.rsfMRI.records=[b.jsonl]"])
+
+
+def test_pipeline_check_notice_names_the_recipe_for_a_cohort_on_the_defaults():
+    from umbrella.data.records import parse_record
+    from umbrella.training.run import PIPELINE_CHECK_SUBJECTS, pipeline_check_notice
+
+    def records(n):
+        return [parse_record({"id": f"s{i}_sex", "subject_id": f"s{i}", "split": "train",
+                              "task": "sex", "images": [{"modality": "T1", "path": f"{i}.nii"}],
+                              "conversations": [{"from": "human", "value": "<image> Sex?"},
+                                                {"from": "gpt", "value": "female"}]})
+                for i in range(n)]
+
+    t1 = ["dataset.T1.records=[a.jsonl]"]
+    cohort = records(PIPELINE_CHECK_SUBJECTS)
+    note = pipeline_check_notice(load_config(None, t1), cohort)
+    assert note.startswith("note: training.max_steps=150") and "recipe: t1_two_stage" in note
+    assert f"{PIPELINE_CHECK_SUBJECTS} training subjects" in note
+    assert pipeline_check_notice(load_config(None, t1), records(PIPELINE_CHECK_SUBJECTS - 1)) is None
+    assert pipeline_check_notice(load_config(None, [*t1, "training.max_steps=2000"]), cohort) is None
+    assert pipeline_check_notice(load_config(None, [*t1, "recipe=t1_two_stage"]), cohort) is None
+    both = pipeline_check_notice(load_config(None, [*t1, "dataset.rsfMRI.records=[b.jsonl]"]),
+                                 cohort)
+    assert "recipe: t1_two_stage" not in both and "training.max_steps" in both

@@ -231,6 +231,9 @@ class TrackingConfig:
 
 @dataclass
 class UmbrellaConfig:
+    # a measured recipe (umbrella.recipes.RECIPES) laid under the config's own keys: none (the
+    # defaults below: a quick pipeline check) | t1_two_stage (T1 records alone)
+    recipe: str = "none"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -362,9 +365,39 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         layers.append((_parse_overrides(list(overrides)), "command-line overrides"))
     for tree, source in layers:
         _validate(tree, source)
+    recipe = _recipe(layers)
+    if recipe is not None:  # beneath the file's and the command line's own keys
+        merged = OmegaConf.merge(merged, recipe)
+    for tree, _ in layers:
         merged = OmegaConf.merge(merged, tree)
     cfg: UmbrellaConfig = OmegaConf.to_object(merged)
+    if recipe is not None:
+        _check_recipe(cfg)
     return cfg
+
+
+def _recipe(layers: list[tuple[dict, str]]) -> dict | None:
+    """The tree of the recipe the layers name (the last ``recipe`` key wins), or None."""
+    from umbrella.recipes import RECIPES
+
+    named = [(tree["recipe"], source) for tree, source in layers if "recipe" in tree]
+    if not named or named[-1][0] in (None, "none"):
+        return None
+    name, source = named[-1]
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r}; choose one of none, {', '.join(RECIPES)}",
+                          source=source)
+    return RECIPES[name]
+
+
+def _check_recipe(cfg: UmbrellaConfig) -> None:
+    """t1_two_stage was measured on T1 records alone: other modalities with records are refused."""
+    others = [m for m, section in cfg.dataset.enabled().items() if m != "T1"]
+    if others:
+        raise ConfigError(f"recipe={cfg.recipe!r} trains T1 records alone, but "
+                          f"{', '.join(f'dataset.{m}.records' for m in others)} "
+                          f"{'is' if len(others) == 1 else 'are'} set; train those without the "
+                          "recipe (recipe=none) or leave their records out")
 
 
 def digest(tree: dict) -> str:

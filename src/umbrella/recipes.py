@@ -38,6 +38,9 @@ T1_TWO_STAGE: dict[str, Any] = {
 }
 
 
+RECIPES: dict[str, dict[str, Any]] = {"t1_two_stage": T1_TWO_STAGE}  # the config's ``recipe`` key
+
+
 def dotlist(tree: dict, skip: tuple[str, ...] = ()) -> list[str]:
     """A recipe as command-line overrides (``KEY=VALUE``), leaving out the dotted keys in
     ``skip``: {"model": {"preset": "tiny"}} -> ["model.preset=tiny"]."""

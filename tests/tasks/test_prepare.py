@@ -256,7 +256,7 @@ def test_train_config_carries_the_t1_recipe_only_for_t1_records_alone(tmp_path):
                               roots, tmp_path / "splits.json")
 
     tree, recipe = train_config(summary(["sex_T1", "age_T1"]), "SITE")
-    assert recipe == "T1_TWO_STAGE"
+    assert recipe == "t1_two_stage" and tree["recipe"] == recipe
     t1 = tree["dataset"]["T1"]
     assert t1["records"] == [str(tmp_path / "age_T1.jsonl"), str(tmp_path / "sex_T1.jsonl")]
     assert t1["image_size"] == T1_TWO_STAGE["dataset"]["T1"]["image_size"]

@@ -490,10 +490,12 @@ def train_config(summary: PrepareSummary, study: str) -> tuple[dict, str | None]
         section = dataset.setdefault(modality, {"studies": [study], "records": [],
                                                 "data_root": summary.data_roots[modality]})
         section["records"].append(str(Path(path).resolve()))
-    recipe = "T1_TWO_STAGE" if set(dataset) == {"T1"} else None
+    recipe = "t1_two_stage" if set(dataset) == {"T1"} else None
     tree = {"dataset": dataset, "training": {"output_dir": str(out / "runs")}}
-    if recipe:  # the recipe's leaves set, nested sections merged
-        tree = OmegaConf.to_container(OmegaConf.merge(tree, T1_TWO_STAGE))
+    if recipe:  # named (the config's recipe key), and its leaves written out: nested sections
+        # merged, so that the file shows every value it trains with and keeps them if the
+        # recipe changes in a later version
+        tree = {"recipe": recipe, **OmegaConf.to_container(OmegaConf.merge(tree, T1_TWO_STAGE))}
     return tree, recipe
 
 
@@ -506,12 +508,12 @@ def write_train_config(summary: PrepareSummary, study: str) -> tuple[Path, str |
     head = ["# written by `umbrella prepare`: train with `umbrella train -c " +
             f"{Path(summary.out_dir) / CONFIG_FILE}` (override any key as KEY=VALUE)"]
     if recipe:
-        head += ["# T1 alone: the measured two-stage recipe (umbrella.recipes.T1_TWO_STAGE;",
+        head += ["# T1 alone: the measured two-stage recipe (recipe: t1_two_stage, its keys below;",
                  "# benchmarks/README.md section 11): `umbrella pretrain` of the tower first",
                  "# (model.vision_init=pretrain), then the VLM on it, frozen."]
     else:
         head += ["# several modalities: the project's defaults (the measured recipe,",
-                 "# umbrella.recipes.T1_TWO_STAGE, is for T1 records alone)."]
+                 "# recipe: t1_two_stage, is for T1 records alone)."]
 
     class Dumper(yaml.SafeDumper):  # sections as blocks, lists on one line
         pass
