@@ -31,6 +31,7 @@ def test_prepare_writes_a_config_that_trains_with_the_measured_recipe(tiny_cohor
     import json
 
     from umbrella.config import config_to_dict, load_config
+    from umbrella.data.catalog import load_config_records
     from umbrella.recipes import T1_TWO_STAGE, dotlist
 
     recs = tmp_path / "recs"
@@ -67,6 +68,9 @@ def test_prepare_writes_a_config_that_trains_with_the_measured_recipe(tiny_cohor
     towers = list((recs / "runs").glob("pretrain__*/seed_0/pretrain.json"))
     assert len(towers) == 1 and "training the vision tower first" in out
     assert "vision tower initialised from" in out
+    n_images = len({r.subject_id for r in load_config_records(cfg) if r.split != "test"})
+    cached = list((recs / "cache").glob("??/*.npy"))  # both stages read one decode per image
+    assert len(cached) == n_images and cfg.dataset.cache_dir == str((recs / "cache").resolve())
 
 
 def test_train_reports_config_errors(tmp_path, capsys):

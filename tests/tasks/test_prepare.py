@@ -263,6 +263,7 @@ def test_train_config_carries_the_t1_recipe_only_for_t1_records_alone(tmp_path):
     assert tree["dataset"]["memoize"] is True and tree["model"]["vision_init"] == "pretrain"
     assert tree["training"]["output_dir"] == str(tmp_path / "runs")
     assert tree["training"]["max_steps"] == T1_TWO_STAGE["training"]["max_steps"]
+    assert tree["dataset"]["cache_dir"] == str(tmp_path / "cache")
 
     tree, recipe = train_config(summary(["sex_T1", "sex_rsfMRI", "compare_age_T1"]), "SITE")
     assert recipe is None and set(tree) == {"dataset", "training"}
