@@ -17,8 +17,10 @@ orientation, intensities rescaled to int16 0..4095 by each scan's 99.9th percent
     umbrella train -c records/train.yaml training.seed=N
     umbrella evaluate --model records/runs/<run>/seed_N --truth cohort/truth.json
 
-No setting is chosen here: train.yaml carries ``umbrella.recipes.T1_TWO_STAGE`` as prepare wrote
-it. The table is the learning benchmark's (model mean +- sd over seeds, the reference of the same
+No setting is chosen here: train.yaml carries the recipe (``recipe: t1_two_stage``, with its keys
+and the preprocessing cache ``records/cache``) as prepare wrote it. ``records/`` (records, runs,
+cache) is removed first, so every call times the whole path from a fresh prepare; the cohort and
+the BIDS tree are reused. The table is the learning benchmark's (model mean +- sd over seeds, the reference of the same
 evaluation, the training-split baseline, the cohort's achievable value and issue 10's targets).
 The split is prepare's own (70 / 15 / 15 by subject), not the learning benchmark's 60 / 20 / 20.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -128,7 +131,8 @@ def main(argv=None) -> dict:
                                voxel_mm=VOXEL_MM, csf_contrast=learning.CSF_CONTRAST,
                                progress=not opts.quiet)
     table = rewrite_cohort(cohort.root, root / "bids", quiet=opts.quiet)
-    records = root / "records"
+    records = root / "records"  # prepare's output, its runs and its cache: new for every call,
+    shutil.rmtree(records, ignore_errors=True)  # so that nothing of an earlier call is reused
     prepare_s = umbrella(["prepare", "--phenotype", str(table), "--bids", str(root / "bids"),
                           "--study", STUDY, "--tasks", "sex,age", "--age-column", "age_at_scan",
                           "--out", str(records)], root / "prepare.log")
