@@ -392,7 +392,7 @@ def _recipe(layers: list[tuple[dict, str]]) -> dict | None:
 
 def _check_recipe(cfg: UmbrellaConfig) -> None:
     """t1_two_stage was measured on T1 records alone: other modalities with records are refused."""
-    others = [m for m, section in cfg.dataset.enabled().items() if m != "T1"]
+    others = [m for m in cfg.dataset.enabled() if m != "T1"]
     if others:
         raise ConfigError(f"recipe={cfg.recipe!r} trains T1 records alone, but "
                           f"{', '.join(f'dataset.{m}.records' for m in others)} "
