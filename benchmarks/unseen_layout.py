@@ -17,8 +17,8 @@ orientation, intensities rescaled to int16 0..4095 by each scan's 99.9th percent
     umbrella train -c records/train.yaml training.seed=N
     umbrella evaluate --model records/runs/<run>/seed_N --truth cohort/truth.json
 
-No setting is chosen here: train.yaml carries the recipe (``recipe: t1_two_stage``, with its keys
-and the preprocessing cache ``records/cache``) as prepare wrote it. ``records/`` (records, runs,
+No setting is chosen here: train.yaml names the recipe (``recipe: t1_two_stage``) and the
+preprocessing cache ``records/cache`` as prepare wrote them. ``records/`` (records, runs,
 cache) is removed first, so every call times the whole path from a fresh prepare; the cohort and
 the BIDS tree are reused. The table is the learning benchmark's (model mean +- sd over seeds, the reference of the same
 evaluation, the training-split baseline, the cohort's achievable value and issue 10's targets).

@@ -247,6 +247,9 @@ def test_no_image_found_says_where_it_looked_and_image_root_fixes_it(tmp_path):
 
 
 def test_train_config_carries_the_t1_recipe_only_for_t1_records_alone(tmp_path):
+    import yaml
+
+    from umbrella.config import load_config
     from umbrella.recipes import T1_TWO_STAGE
     from umbrella.tasks.prepare import PrepareSummary, train_config
 
@@ -259,11 +262,13 @@ def test_train_config_carries_the_t1_recipe_only_for_t1_records_alone(tmp_path):
     assert recipe == "t1_two_stage" and tree["recipe"] == recipe
     t1 = tree["dataset"]["T1"]
     assert t1["records"] == [str(tmp_path / "age_T1.jsonl"), str(tmp_path / "sex_T1.jsonl")]
-    assert t1["image_size"] == T1_TWO_STAGE["dataset"]["T1"]["image_size"]
-    assert tree["dataset"]["memoize"] is True and tree["model"]["vision_init"] == "pretrain"
-    assert tree["training"]["output_dir"] == str(tmp_path / "runs")
-    assert tree["training"]["max_steps"] == T1_TWO_STAGE["training"]["max_steps"]
+    assert tree["training"] == {"output_dir": str(tmp_path / "runs")}  # the rest: the recipe's
     assert tree["dataset"]["cache_dir"] == str(tmp_path / "cache")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(tmp_path / "train.yaml")  # as `umbrella train -c train.yaml` reads it
+    assert cfg.dataset.T1.image_size == T1_TWO_STAGE["dataset"]["T1"]["image_size"]
+    assert cfg.dataset.memoize is True and cfg.model.vision_init == "pretrain"
+    assert cfg.training.max_steps == T1_TWO_STAGE["training"]["max_steps"]
 
     tree, recipe = train_config(summary(["sex_T1", "sex_rsfMRI", "compare_age_T1"]), "SITE")
     assert recipe is None and set(tree) == {"dataset", "training"}

@@ -478,12 +478,10 @@ def prepare(phenotype: Path | list[Path], out_dir: Path, *, tasks: list[str],
 def train_config(summary: PrepareSummary, study: str) -> tuple[dict, str | None]:
     """The config `umbrella train -c <out>/train.yaml` reads: every modality's records (absolute
     paths), data root and study, runs under ``<out>/runs``; with T1 records alone, the measured
-    recipe :data:`umbrella.recipes.T1_TWO_STAGE` on top (returned: its name, else None) and the
-    preprocessing cache ``<out>/cache`` (``dataset.cache_dir``)."""
-    from omegaconf import OmegaConf
-
-    from umbrella.recipes import T1_TWO_STAGE
-
+    recipe by name (``recipe: t1_two_stage``, which :func:`umbrella.config.load_config` lays
+    beneath the file's keys; the run folder's config.yaml then lists every value) and the
+    preprocessing cache ``<out>/cache`` (``dataset.cache_dir``). Returns the tree and the recipe's
+    name (None without one)."""
     out = Path(summary.out_dir).resolve()
     dataset: dict = {}
     for name, path in sorted(summary.files.items()):
@@ -493,13 +491,11 @@ def train_config(summary: PrepareSummary, study: str) -> tuple[dict, str | None]
         section["records"].append(str(Path(path).resolve()))
     recipe = "t1_two_stage" if set(dataset) == {"T1"} else None
     tree = {"dataset": dataset, "training": {"output_dir": str(out / "runs")}}
-    if recipe:  # named (the config's recipe key), and its leaves written out: nested sections
-        # merged, so that the file shows every value it trains with and keeps them if the
-        # recipe changes in a later version
-        tree = {"recipe": recipe, **OmegaConf.to_container(OmegaConf.merge(tree, T1_TWO_STAGE))}
+    if recipe:
+        tree = {"recipe": recipe, **tree}
         # every image decoded and resampled once, for both stages, every seed and evaluation
         # (float16 at the recipe's 48 x 64 x 48 grid: 0.3 MB per image)
-        tree["dataset"]["cache_dir"] = str(out / "cache")
+        dataset["cache_dir"] = str(out / "cache")
     return tree, recipe
 
 
@@ -512,7 +508,8 @@ def write_train_config(summary: PrepareSummary, study: str) -> tuple[Path, str |
     head = ["# written by `umbrella prepare`: train with `umbrella train -c " +
             f"{Path(summary.out_dir) / CONFIG_FILE}` (override any key as KEY=VALUE)"]
     if recipe:
-        head += ["# T1 alone: the measured two-stage recipe (recipe: t1_two_stage, its keys below;",
+        head += ["# T1 alone: the measured two-stage recipe (recipe: t1_two_stage, the keys of",
+                 "# umbrella.recipes.T1_TWO_STAGE beneath this file's; any key set here wins;",
                  "# benchmarks/README.md section 11): `umbrella pretrain` of the tower first",
                  "# (model.vision_init=pretrain), then the VLM on it, frozen."]
     else:
