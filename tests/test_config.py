@@ -71,6 +71,9 @@ def test_saved_config_redacts_secret_looking_values(tmp_path):
     assert saved.studies["MYSTUDY"] == {"tr": 0.8, "api_key": REDACTED, "hf-token": REDACTED,
                                         "monkey": "banana"}
     assert saved.model.token_pool == 2  # a number under a "token" key is not a secret
+    # the schema's own keys hold no secrets: a word under model.token_pool is kept too
+    save_config(load_config(None, ["model.token_pool=all"]), tmp_path / "all.yaml")
+    assert load_config(tmp_path / "all.yaml", []).model.token_pool == "all"
 
 
 def test_augment_ranges_reach_the_training_augmentation():

@@ -16,14 +16,14 @@ import json
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from umbrella.errors import ConfigError
-from umbrella.geometry import STEM_STYLES
+from umbrella.errors import ConfigError, ModelError
+from umbrella.geometry import STEM_STYLES, normalize_token_pool
 
 MODALITIES = ("T1", "rsfMRI", "dMRI")
 
@@ -124,7 +124,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     max_length: int = 1024  # longest tokenised conversation accepted (image tokens included)
-    token_pool: int = 1  # average-pool each image's token grid n×n×n before the projector (1: off)
+    # average-pool each image's token grid n×n×n before the projector (1: off); "all": the whole
+    # grid into one token per image (the mean of the tower's tokens, as `umbrella pretrain` reads)
+    token_pool: Union[int, str] = 1  # noqa: UP007 (OmegaConf reads typing.Union, not int | str)
     patch_embed: str = "linear"  # linear (one linear map per patch) | conv (strided conv stem, same tokens)
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # conv stem stage widths
     # the conv stem's stages: strided (Conv3d k3 stride 2 + GroupNorm + GELU) | pooled (Conv3d k3
@@ -187,6 +189,9 @@ class TrainingConfig:
     # regression answers: add w * ((expected number - answer) / sd)^2, the number the model's
     # digit distributions expect (teacher-forced); 0: off (umbrella.data.numeric_labels)
     numeric_ev_loss: float = 0.0
+    # task -> weight of its answers' tokens in the training loss, e.g. {sex: 2.0} (tasks not named:
+    # 1); validation loss and selection stay unweighted
+    task_loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -324,6 +329,11 @@ def _check_leaf(path: str, value: Any) -> str | None:
     name = path.rsplit(".", 1)[-1]
     if name in _CHOICES and value not in _CHOICES[name]:
         return f"bad value for '{path}': {value!r}; choose one of {', '.join(_CHOICES[name])}"
+    if path == "model.token_pool":
+        try:
+            normalize_token_pool(value)
+        except ModelError as exc:
+            return f"bad value for '{path}': {exc}"
     if name in _BOUNDS and value is not None:
         low, inclusive, high = _BOUNDS[name]
         above = float(value) >= low if inclusive else float(value) > low
@@ -417,7 +427,7 @@ REDACTED = "<redacted: read it from the environment>"
 def redact_secrets(obj: Any) -> Any:
     """A copy of ``obj`` whose string values under secret-looking keys (a ``_``/``-`` separated
     word of the key is key, token, secret, password, ...: ``api_key``, ``hf_token``) are
-    replaced by :data:`REDACTED`. Numbers under such keys (``token_pool``) are kept."""
+    replaced by :data:`REDACTED`. Numbers under such keys are kept."""
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
@@ -430,10 +440,22 @@ def redact_secrets(obj: Any) -> Any:
     return obj
 
 
+def _redact_free_form(tree: dict, node=UmbrellaConfig) -> dict:
+    """``tree`` (a config as a dict) with :func:`redact_secrets` applied to its free-form
+    mappings (``studies``, ``training.task_loss_weights``): the schema's own keys hold no secret,
+    though a name may look like one (``model.token_pool: all``)."""
+    for f in fields(node):
+        if f.default_factory is dict:
+            tree[f.name] = redact_secrets(tree[f.name])
+        elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            _redact_free_form(tree[f.name], f.default_factory)
+    return tree
+
+
 def save_config(cfg: UmbrellaConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically, with secret-looking values redacted (the
     config has no key fields; this guards the free-form sections such as ``studies``)."""
     from umbrella.io import atomic_write_text
 
-    data = redact_secrets(config_to_dict(cfg))
+    data = _redact_free_form(config_to_dict(cfg))
     return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))

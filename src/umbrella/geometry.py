@@ -109,24 +109,43 @@ def token_grid(spec: dict) -> tuple[int, int, int, int]:
     return (blocks, *grid)
 
 
-def normalize_token_pool(token_pool: int | Sequence[int] | None) -> tuple[int, int, int] | None:
-    """None for "no pooling" (None, 1 or (1, 1, 1)); else the (d, h, w) pooling window."""
+POOL_ALL = "all"  # token_pool: every image's whole spatial token grid averaged into one token
+
+
+def normalize_token_pool(token_pool: int | str | Sequence[int] | None
+                         ) -> tuple[int, int, int] | str | None:
+    """None for "no pooling" (None, 1 or (1, 1, 1)); :data:`POOL_ALL` as it is (the window is
+    each modality's grid: :func:`resolve_token_pool`); else the (d, h, w) pooling window."""
     if token_pool is None:
         return None
+    if token_pool == POOL_ALL:
+        return POOL_ALL
     pool = (token_pool,) * 3 if isinstance(token_pool, int) else tuple(token_pool)
-    if len(pool) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                                 for k in pool):
-        raise ModelError(f"token_pool must be a positive integer or 3 of them (d, h, w), "
-                         f"got {token_pool!r}")
+    if isinstance(token_pool, str) or len(pool) != 3 or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool):
+        raise ModelError(f"token_pool must be a positive integer, 3 of them (d, h, w) or "
+                         f"{POOL_ALL!r}, got {token_pool!r}")
     return None if pool == (1, 1, 1) else pool
 
 
-def pooled_tokens(spec: dict, token_pool: int | Sequence[int] | None = None,
+def resolve_token_pool(token_pool: int | str | Sequence[int] | None,
+                       spec: dict) -> tuple[int, int, int] | None:
+    """The (d, h, w) window for images of geometry ``spec``: :data:`POOL_ALL` becomes the spatial
+    token grid itself (one token per image and time block); None: no pooling."""
+    pool = normalize_token_pool(token_pool)
+    if pool == POOL_ALL:
+        _, *grid = token_grid(spec)
+        pool = tuple(grid)
+        return None if pool == (1, 1, 1) else pool
+    return pool
+
+
+def pooled_tokens(spec: dict, token_pool: int | str | Sequence[int] | None = None,
                   modality: str = "image") -> int:
     """Visual tokens one image of geometry ``spec`` ({image_size, patch_size}) gives to the LLM
     after ``token_pool``: the count each ``<image>`` must be expanded to. Raises ModelError when
     the token grid is not a multiple of the pool, naming both."""
-    pool = normalize_token_pool(token_pool)
+    pool = resolve_token_pool(token_pool, spec)
     if pool is None:
         return num_patches(spec)
     blocks, *grid = token_grid(spec)

@@ -106,3 +106,44 @@ def test_plain_tensor_pixels_take_the_dict_path(pool, tokens):
         routed = model(input_ids=ids, pixel_values={"T1": x},
                        image_order=[("T1", 0), ("T1", 1)]).logits
     assert torch.equal(plain, routed)
+
+
+def test_pool_all_gives_each_image_the_mean_of_its_tokens(tmp_path):
+    """token_pool="all": one token per image (and per rsfMRI time block), the projector applied
+    to the mean of the tower's tokens; kept through save / reload."""
+    assert pooled_tokens({"image_size": [48, 64, 48], "patch_size": [16] * 3}, "all") == 1
+    assert pooled_tokens({"image_size": [16, 16, 16, 8], "patch_size": [4, 4, 4, 4]}, "all") == 2
+    tok = train_tokenizer(["What is the sex of this subject? male female"] * 4, 300)
+    enc = PromptEncoder(tok)
+    model = build_brain_llava(ModelConfig(), GEOM, tok, seed=0, token_pool="all").eval()
+    assert model.config.vision_token_pool == "all"
+    assert tokens_per_image(model, "T1") == 1 and tokens_per_image(model, "rsfMRI") == 1
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        feats = model.image_features({"T1": x}, [("T1", 0), ("T1", 1)])
+        tokens = model.model.vision_tower(x, modality="T1", return_dict=True).hidden_states[-1]
+        expected = model.model.multi_modal_projector(tokens.mean(dim=1, keepdim=True))
+    assert [tuple(f.shape) for f in feats] == [(1, 128)] * 2
+    assert torch.allclose(torch.stack(feats), expected, atol=1e-5)
+    ids = _ids(enc, 1)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, _ = load_brain_llava(tmp_path)
+    assert again.config.vision_token_pool == "all"
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values={"T1": x}, image_order=[("T1", 0), ("T1", 1)]).logits
+        b = again(input_ids=ids, pixel_values={"T1": x}, image_order=[("T1", 0), ("T1", 1)]).logits
+    assert torch.equal(a, b)
+    with pytest.raises(ModelError, match="'all'"):
+        build_brain_llava(ModelConfig(), GEOM, tok, token_pool="every")
+
+
+def test_config_takes_all_or_a_positive_integer():
+    from umbrella.config import load_config
+    from umbrella.errors import ConfigError
+
+    assert load_config(None, ["model.token_pool=all"]).model.token_pool == "all"
+    assert load_config(None, ["model.token_pool=2"]).model.token_pool == 2
+    for bad in ("0", "every"):
+        with pytest.raises(ConfigError, match="positive integer"):
+            load_config(None, [f"model.token_pool={bad}"])

@@ -103,7 +103,8 @@ def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
     run_mod.check_devices()  # one rank per GPU is fine
 
 
-def test_token_pool_from_config_trains_saves_and_scores(tiny_config):
+@pytest.mark.parametrize(("pool", "saved", "tokens"), [("2", [2, 2, 2], 8), ("all", "all", 1)])
+def test_token_pool_from_config_trains_saves_and_scores(tiny_config, pool, saved, tokens):
     from umbrella.data.catalog import load_preprocessing
     from umbrella.data.dataset import InstructionDataset
     from umbrella.data.prompts import PromptEncoder
@@ -111,13 +112,13 @@ def test_token_pool_from_config_trains_saves_and_scores(tiny_config):
     from umbrella.model.answering import score_options
     from umbrella.model.build import tokens_per_image
 
-    cfg = tiny_config("training.max_steps=2", "model.token_pool=2", "training.run_name=pool")
+    cfg = tiny_config("training.max_steps=2", f"model.token_pool={pool}", "training.run_name=pool")
     result = train(cfg, progress=False)
     model, tok = load_brain_llava(result.model_dir)
     inputs = load_preprocessing(result.model_dir)
-    assert model.config.vision_token_pool == [2, 2, 2]
-    # 32³ / patch 8 = a 4×4×4 grid of 64 tokens, pooled 2×2×2 into 8
-    assert inputs["T1"].tokens == tokens_per_image(model, "T1") == 8
+    assert model.config.vision_token_pool == saved
+    # 32³ / patch 8 = a 4×4×4 grid of 64 tokens, pooled 2×2×2 into 8 (all: into 1)
+    assert inputs["T1"].tokens == tokens_per_image(model, "T1") == tokens
     recs = load_records(cfg.dataset.T1.records[0], {"T1": cfg.dataset.T1.data_root})[:2]
     ds = InstructionDataset(recs, PromptEncoder(tok), inputs)
     scores = score_options(model, PromptEncoder(tok), [ds.scoring_sample(i) for i in range(2)],
@@ -130,5 +131,5 @@ def test_token_pool_that_does_not_divide_the_grid_is_a_config_error(tiny_config)
 
     with pytest.raises(ConfigError, match=r"model.token_pool=3.*not a multiple"):
         modality_inputs(tiny_config("model.token_pool=3"))
-    with pytest.raises(ConfigError, match=r"model.token_pool=0"):
-        modality_inputs(tiny_config("model.token_pool=0"))
+    with pytest.raises(ConfigError, match=r"'model.token_pool': token_pool must be a positive integer"):
+        modality_inputs(tiny_config("model.token_pool=0"))  # refused when the config loads

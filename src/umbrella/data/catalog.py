@@ -63,7 +63,7 @@ def geometry(section: ModalityConfig, modality: str = "T1") -> dict:
     return {"in_channels": 1, "image_size": size, "patch_size": patch}
 
 
-def modality_input(modality: str, section: ModalityConfig, token_pool: int = 1) -> ModalityInput:
+def modality_input(modality: str, section: ModalityConfig, token_pool: int | str = 1) -> ModalityInput:
     """What a model with this section's geometry needs: preprocessing spec and the visual tokens
     each ``<image>`` expands to (after ``model.token_pool``)."""
     spec = fmri_spec(section) if modality == "rsfMRI" else volume_spec(section)

@@ -6,6 +6,7 @@ Output::
     pixel_values: {modality: (n_images_of_modality, C, D, H, W)}   ((..., T) for rsfMRI windows)
     image_order: [(modality, index in its stack), ...] in order of appearance over the batch
     ids: [record id, ...]
+    tasks: [record task, ...] (training.task_loss_weights)
     soft_index (N, 2) [row, position], soft_weights (N, 10), soft_token_ids (10,): soft digit
         targets of numeric answers, when the samples carry them (umbrella.data.numeric_labels)
     soft_place, soft_value (N,): each digit's place value and its answer, scaled (the expected-
@@ -81,6 +82,7 @@ class BrainCollator:
                                              modality=m) for m, v in stacks.items()},
             "image_order": order,
             "ids": [s["id"] for s in samples],
+            "tasks": [s.get("task") for s in samples],
         }
         if "labels" in samples[0]:
             batch["labels"] = self._pad([s["labels"] for s in samples], IGNORE_INDEX, length)

@@ -7,7 +7,8 @@ them into the ``<image>`` placeholder positions (``mm_encoder_outputs``).
 
 Optional token pooling (``token_pool``, off by default): the tower's output tokens of each image are
 average-pooled over the spatial token grid before the projector, e.g. ``token_pool=2`` turns the
-6×6×6 = 216 tokens of a 96³ image with 16³ patches into 3×3×3 = 27. The pool is stored in the
+6×6×6 = 216 tokens of a 96³ image with 16³ patches into 3×3×3 = 27, ``token_pool="all"`` into one
+(the mean of the tower's tokens, which `umbrella pretrain`'s linear heads read). The pool is stored in the
 config (``vision_token_pool``), so a reloaded model pools the same way; prompts must then expand
 each ``<image>`` to :func:`pooled_tokens` of its modality (:func:`tokens_per_image` of the model).
 """
@@ -30,6 +31,7 @@ from umbrella.geometry import (
     check_modality,
     normalize_token_pool,
     pooled_tokens,
+    resolve_token_pool,
     stem_plan,
     token_grid,
 )
@@ -135,7 +137,7 @@ def vision_config(cfg: ModelConfig, modalities: dict[str, dict]) -> BrainViTConf
 
 def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                       seed: int | None = None, *,
-                      token_pool: int | Sequence[int] | None = None
+                      token_pool: int | str | Sequence[int] | None = None
                       ) -> BrainLlavaForConditionalGeneration:
     """A randomly initialised BrainLlava for ``modalities`` ({name: {image_size, patch_size, ...}}).
 
@@ -144,7 +146,8 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
     own ``embed`` (see :func:`with_patch_embed`).
 
     ``token_pool`` (default None: off): average-pool each image's tokens over the spatial token
-    grid by this window before the projector (2 -> 216 tokens become 27 at 96³ / patch 16).
+    grid by this window before the projector (2 -> 216 tokens become 27 at 96³ / patch 16;
+    ``"all"``: the whole grid, one token per image and time block).
     """
     if cfg.base is not None:
         raise ModelError(f"model.base={cfg.base!r}: converting a pretrained LLaVA is not "
@@ -164,7 +167,7 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
                        max_position_embeddings=max(2048, cfg.max_length),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=None, tie_word_embeddings=p.tie_word_embeddings)
-    extra = {"vision_token_pool": list(pool)} if pool is not None else {}
+    extra = {} if pool is None else {"vision_token_pool": token_pool_setting(pool)}
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_select_strategy="full",
@@ -176,15 +179,23 @@ def build_brain_llava(cfg: ModelConfig, modalities: dict[str, dict], tokenizer,
     return model
 
 
+def token_pool_setting(token_pool: int | str | Sequence[int]) -> list[int] | str:
+    """The model config's ``vision_token_pool`` for ``token_pool``: "all", or [d, h, w]."""
+    pool = normalize_token_pool(token_pool) or (1, 1, 1)
+    return pool if isinstance(pool, str) else list(pool)
+
+
 def tokens_per_image(model, modality: str) -> int:
     """Visual tokens one image of ``modality`` gives the LLM (after the model's token pooling)."""
     spec = model.config.vision_config.modalities[modality]
     return pooled_tokens(spec, getattr(model.config, "vision_token_pool", None), modality)
 
 
-def pool_tokens(features: torch.Tensor, spec: dict, pool: tuple[int, int, int]) -> torch.Tensor:
+def pool_tokens(features: torch.Tensor, spec: dict,
+                pool: tuple[int, int, int] | str) -> torch.Tensor:
     """(B, N, C) tower tokens of one modality -> (B, N / prod(pool), C), averaged over each
-    ``pool`` window of the spatial token grid (time blocks are kept)."""
+    ``pool`` window of the spatial token grid (time blocks are kept; ``"all"``: the whole grid)."""
+    pool = resolve_token_pool(pool, spec) or (1, 1, 1)
     b, n, c = features.shape
     blocks, gd, gh, gw = token_grid(spec)
     if n != blocks * gd * gh * gw:

@@ -45,7 +45,7 @@ from umbrella.data.tokenizer import record_texts, train_tokenizer
 from umbrella.data.volumes import VolumeAugment
 from umbrella.errors import ConfigError
 from umbrella.io import atomic_write_json
-from umbrella.model.build import build_brain_llava, with_patch_embed
+from umbrella.model.build import build_brain_llava, token_pool_setting, with_patch_embed
 from umbrella.model.modeling_brain_vit import enable_output_cache, output_cache_counts
 from umbrella.model.trainable import apply_trainable_policy, save_trained
 from umbrella.runtime import retain_freed_memory, retaining
@@ -178,8 +178,8 @@ def make_model(cfg: UmbrellaConfig, train_records):
         dtype = getattr(torch, m.dtype) if m.dtype else None
         model, tokenizer, _ = convert_pretrained_llava(
             m.base, with_patch_embed(m, model_geometry(cfg)), dtype=dtype)
-        if m.token_pool > 1:  # read by the model at every forward, saved with its config
-            model.config.vision_token_pool = [m.token_pool] * 3
+        if m.token_pool != 1:  # read by the model at every forward, saved with its config
+            model.config.vision_token_pool = token_pool_setting(m.token_pool)
     else:
         tokenizer = train_tokenizer(_tokenizer_corpus(train_records), m.vocab_size)
         model = build_brain_llava(m, model_geometry(cfg), tokenizer, seed=cfg.training.seed,
@@ -310,6 +310,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
     atomic_write_json(run_dir / "splits.json", {r.subject_id: r.split for r in records})
     _tracking_env(cfg, run_dir)
     criterion = selection_criterion(cfg, bool(splits.get("val")))
+    weights = task_loss_weights(cfg, splits["train"])
     resume = resume_checkpoint(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(data_source(cfg, records), flush=True)
@@ -334,6 +335,7 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
             image_dtype=None if torch.cuda.is_available() else torch.float32),
         callbacks=callbacks + list(extra_callbacks), mixing=cfg.dataset.mixing,
         vision_learning_rate=cfg.training.vision_learning_rate,
+        task_loss_weights=weights,
         temperature=cfg.dataset.temperature, part_metrics=parts,
         val_metrics=ValidationMetric(val_set, encoder, splits["train"])
         if criterion == "metric" else None)
@@ -354,6 +356,20 @@ def train(cfg: UmbrellaConfig, *, progress: bool = True, extra_callbacks=()) -> 
                       "model.embedding_cache_mb)", flush=True)
     return TrainResult(run_dir, run_dir / "model", float(result.training_loss), time.time() - start,
                        best)
+
+
+def task_loss_weights(cfg: UmbrellaConfig, train_records) -> dict[str, float]:
+    """``training.task_loss_weights``, checked: every weight > 0 and every task named among the
+    training records' tasks (a misspelt task would otherwise weigh nothing, silently)."""
+    weights = {str(k): float(v) for k, v in cfg.training.task_loss_weights.items()}
+    tasks = sorted({r.task for r in train_records})
+    problems = [f"training.task_loss_weights.{t}={w}: a weight must be > 0" for t, w in weights.items()
+                if not w > 0]
+    problems += [f"training.task_loss_weights names task {t!r}, which no training record has "
+                 f"(training tasks: {', '.join(tasks)})" for t in weights if t not in tasks]
+    if problems:
+        raise ConfigError(problems)
+    return weights
 
 
 PIPELINE_CHECK_SUBJECTS = 200  # from this many training subjects the notice below is printed

@@ -46,25 +46,38 @@ def idle_term(model, used: set[str]) -> torch.Tensor | None:
     return torch.stack([p.sum() for p in idle]).sum() * 0.0
 
 
-def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, soft_index: torch.Tensor,
-                     soft_weights: torch.Tensor, token_ids: torch.Tensor,
-                     num_items_in_batch=None) -> torch.Tensor:
+def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, soft_index: torch.Tensor | None,
+                     soft_weights: torch.Tensor | None, token_ids: torch.Tensor | None,
+                     num_items_in_batch=None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over the answer tokens, with soft targets at ``soft_index``
-    ([row, label position]: a distribution ``soft_weights`` over ``token_ids``) and one-hot
-    targets elsewhere; summed, then divided by ``num_items_in_batch`` (gradient accumulation)
-    or by the number of answer tokens, as transformers' own loss."""
+    ([row, label position]: a distribution ``soft_weights`` over ``token_ids``; None: none) and
+    one-hot targets elsewhere; each row's tokens times ``row_weights`` (B,) when given
+    (``training.task_loss_weights``); summed, then divided by ``num_items_in_batch`` (gradient
+    accumulation) or by the number of answer tokens, as transformers' own loss."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)
     per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                                 reduction="none")
-    rows, cols = soft_index[:, 0], soft_index[:, 1] - 1  # label position t is predicted at t - 1
-    log_p = torch.log_softmax(logits[rows, cols], dim=-1)[:, token_ids]
-    soft = -(soft_weights.to(log_p.dtype) * log_p).sum(-1)
-    per_token = per_token.index_put((rows, cols), soft)
+    if soft_index is not None and len(soft_index):
+        rows, cols = soft_index[:, 0], soft_index[:, 1] - 1  # label position t is predicted at t - 1
+        log_p = torch.log_softmax(logits[rows, cols], dim=-1)[:, token_ids]
+        soft = -(soft_weights.to(log_p.dtype) * log_p).sum(-1)
+        per_token = per_token.index_put((rows, cols), soft)
+    if row_weights is not None:
+        per_token = per_token * row_weights.to(per_token)[:, None]
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(count):
         count = count.to(per_token.device)
     return per_token.sum() / count
+
+
+def task_row_weights(tasks: list[str] | None, weights: dict[str, float] | None) -> torch.Tensor | None:
+    """(B,) loss weight of each row from its task (``training.task_loss_weights``; 1 for tasks it
+    does not name); None when no weight applies to the batch (then the plain loss is used)."""
+    if not weights or not tasks:
+        return None
+    row = [float(weights.get(task, 1.0)) for task in tasks]
+    return None if all(w == 1.0 for w in row) else torch.tensor(row)
 
 
 def expected_value_loss(logits: torch.Tensor, soft_index: torch.Tensor, token_ids: torch.Tensor,
@@ -84,19 +97,24 @@ def expected_value_loss(logits: torch.Tensor, soft_index: torch.Tensor, token_id
     return (number - target).square().mean()
 
 
-def unified_loss(model, inputs: dict, num_items_in_batch=None):
+def unified_loss(model, inputs: dict, num_items_in_batch=None,
+                 task_weights: dict[str, float] | None = None):
     """Mean NLL over the batch's answer tokens (+ the zero idle-modality term while training).
     Numeric answers with soft digit targets (``soft_index`` in the batch) are scored against
     them (:func:`soft_target_loss`), plus the expected-value term where the batch carries it
-    (:func:`expected_value_loss`)."""
+    (:func:`expected_value_loss`). While training, ``task_weights`` (task -> weight) scales each
+    answer's tokens by its task's weight (the batch's ``tasks``); validation loss stays unweighted."""
     batch = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
     soft = inputs.get("soft_index")
-    if soft is not None and len(soft):
+    soft = soft if soft is not None and len(soft) else None
+    rows = task_row_weights(inputs.get("tasks"), task_weights) if model.training else None
+    if soft is not None or rows is not None:
         labels = batch.pop("labels")
         outputs = model(**batch)
-        outputs.loss = soft_target_loss(outputs.logits, labels, soft, inputs["soft_weights"],
-                                        inputs["soft_token_ids"], num_items_in_batch)
-        if "soft_place" in inputs:  # training.numeric_ev_loss
+        outputs.loss = soft_target_loss(
+            outputs.logits, labels, soft, inputs.get("soft_weights"),
+            inputs.get("soft_token_ids"), num_items_in_batch, rows)
+        if soft is not None and "soft_place" in inputs:  # training.numeric_ev_loss
             outputs.loss = outputs.loss + expected_value_loss(
                 outputs.logits, soft, inputs["soft_token_ids"], inputs["soft_place"],
                 inputs["soft_value"])
@@ -147,10 +165,11 @@ class UmbrellaTrainer(Trainer):
 
     def __init__(self, *args, mixing: str = "proportional", temperature: float = 2.0,
                  part_metrics=None, val_metrics=None, vision_learning_rate: float | None = None,
-                 **kwargs):
+                 task_loss_weights: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixing, self.temperature = mixing, temperature
         self.vision_learning_rate = vision_learning_rate
+        self.task_loss_weights = dict(task_loss_weights or {})
         self.part_metrics = part_metrics  # a callbacks.PartMetrics, or None
         self.val_metrics = val_metrics  # model -> {name: value}, added to each evaluation, or None
         self._group_loss: dict[str, list[float]] = {}
@@ -194,7 +213,7 @@ class UmbrellaTrainer(Trainer):
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = unified_loss(model, inputs, num_items_in_batch)
+        loss, outputs = unified_loss(model, inputs, num_items_in_batch, self.task_loss_weights)
         if model.training:
             key = group_key(inputs.get("pixel_values", {})) or "text"
             self._group_loss.setdefault(key, [0.0, 0])
