@@ -81,7 +81,7 @@ FMRI_SETTINGS = ["dataset.rsfMRI.image_size=[24,32,24]", "training.max_steps=150
                  "training.eval_steps=250", "training.select_best=metric",
                  "training.generation_log_every=0"]
 PARTS = ("T1", "rsfMRI")
-# The T1 part's default: two stages per seed (--pretrain-epochs N, default the recipe's 12; 0: the
+# The T1 part's default: two stages per seed (--pretrain-epochs N, default the recipe's 16; 0: the
 # one-stage run of T1_SETTINGS alone), the recipe `umbrella prepare` writes into train.yaml
 # (umbrella.recipes.T1_TWO_STAGE, on top of T1_SETTINGS; both stages' settings), what
 # benchmarks/README.md section 11 ("A pretrained tower under scanner contrast") measured: the
@@ -92,7 +92,7 @@ PARTS = ("T1", "rsfMRI")
 # seed kept its last step, and 2,000 raised the kept step's validation score on 2 of 3 seeds, by
 # 0.002 on the mean: section 11, "2,000 VLM steps"; the patch-embedding cache makes them cheap),
 # each scan read as one token, the mean of the tower's tokens (model.token_pool=all: section 11,
-# "One token per scan").
+# "One token per scan"), after a first stage of 16 epochs (section 11, "A first stage of 16 epochs").
 # Each seed first trains its tower alone (`umbrella pretrain`, the seed's config and training
 # split; timed and scored alone here, where the recipe's model.vision_init=pretrain runs it inside
 # `umbrella train`) and the VLM then reads it as trained: loaded by model.vision_init, patch
