@@ -10,10 +10,10 @@ itself (``model.vision_init=pretrain``), then the VLM on that tower, frozen, rea
 one token (the mean of the tower's tokens, ``model.token_pool=all``), 2,000 steps at a
 peak rate of 5e-4 with weight decay 0.1, validated every 500, the best validation task metric
 kept; each image decoded and resampled once and kept in RAM in float16 (``dataset.memoize``).
-On the realistic demo cohort (2,000 subjects, scanner contrast, 3 seeds) it read age at 0.75 x
-the classical reference's MAE and sex level with the reference (0.885 against 0.885); on the same
-generator's cohort handed over as BIDS, PIR, 3 mm (benchmarks/unseen_layout.py) at 0.80 x (0.804)
-and level (0.871 against 0.870). benchmarks/README.md sections 11 and 14.
+On the realistic demo cohort (2,000 subjects, scanner contrast, 3 seeds) it read age at 0.71 x
+the classical reference's MAE and sex level with the reference (0.886 against 0.885); on the same
+generator's cohort handed over as BIDS, PIR, 3 mm (benchmarks/unseen_layout.py) at 0.77 x and
+level (0.871 against 0.870). benchmarks/README.md sections 11 and 14.
 """
 
 from __future__ import annotations
