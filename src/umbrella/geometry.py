@@ -120,9 +120,10 @@ def normalize_token_pool(token_pool: int | str | Sequence[int] | None
         return None
     if token_pool == POOL_ALL:
         return POOL_ALL
-    pool = (token_pool,) * 3 if isinstance(token_pool, int) else tuple(token_pool)
-    if isinstance(token_pool, str) or len(pool) != 3 or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool):
+    pool = () if isinstance(token_pool, str) else (
+        (token_pool,) * 3 if isinstance(token_pool, int) else tuple(token_pool))
+    if len(pool) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                 for k in pool):
         raise ModelError(f"token_pool must be a positive integer, 3 of them (d, h, w) or "
                          f"{POOL_ALL!r}, got {token_pool!r}")
     return None if pool == (1, 1, 1) else pool
@@ -133,11 +134,7 @@ def resolve_token_pool(token_pool: int | str | Sequence[int] | None,
     """The (d, h, w) window for images of geometry ``spec``: :data:`POOL_ALL` becomes the spatial
     token grid itself (one token per image and time block); None: no pooling."""
     pool = normalize_token_pool(token_pool)
-    if pool == POOL_ALL:
-        _, *grid = token_grid(spec)
-        pool = tuple(grid)
-        return None if pool == (1, 1, 1) else pool
-    return pool
+    return normalize_token_pool(token_grid(spec)[1:]) if pool == POOL_ALL else pool
 
 
 def pooled_tokens(spec: dict, token_pool: int | str | Sequence[int] | None = None,

@@ -237,7 +237,7 @@ class BrainLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 per_modality[modality] = self._pooled_features(pixels, modality)
         return [per_modality[m][i] for m, i in image_order]
 
-    def _token_pool(self) -> tuple[int, int, int] | None:
+    def _token_pool(self) -> tuple[int, int, int] | str | None:
         return normalize_token_pool(getattr(self.config, "vision_token_pool", None))
 
     def _pooled_features(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
